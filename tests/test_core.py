@@ -1,0 +1,524 @@
+"""Tests of the C++ inference core through gpff._core, and of the ASE calculator.
+
+Synthetic but valid sGDML `.gpff` files are written here with safetensors (docs/model_file.md);
+the C++ forces are checked against finite differences of the C++ energy, the virial against
+sum_i r_i (x) F_i, invariances, and every kind of broken file against ModelFileError.
+The exact Python model (gpff.sgdml) is compared with the core elsewhere (parity tests).
+"""
+
+import json
+import os
+import struct
+import tempfile
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import save_file
+
+from gpff import _core
+from gpff.errors import ModelFileError, SpeciesError
+
+SPECIES = ["C", "C", "H", "H", "O"]
+Z = [6, 6, 1, 1, 8]
+PERMS = [[0, 1, 2, 3, 4], [1, 0, 3, 2, 4]]    # identity, swap C0<->C1 and H2<->H3
+
+
+def geometry(rng, n=5):
+    """Random molecule-like geometry (n, 3) in Å with all distances >= 0.9 Å."""
+    while True:
+        r = rng.normal(scale=1.0, size=(n, 3))
+        d = np.linalg.norm(r[:, None] - r[None], axis=-1)
+        if np.all(d[np.triu_indices(n, 1)] > 0.9):
+            return r
+
+
+def inv_dist(r):
+    """Inverse-distance descriptor, pairs i > j row-major lower triangle (D,)."""
+    i, j = np.tril_indices(len(r), -1)
+    return 1.0 / np.linalg.norm(r[i] - r[j], axis=-1)
+
+
+def make_model_arrays(seed=0, n_train=4, species=SPECIES, perms=PERMS):
+    rng = np.random.default_rng(seed)
+    n = len(species)
+    x_k, v_k = [], []
+    for _ in range(n_train):
+        r = geometry(rng, n)
+        for p in perms:
+            x_k.append(inv_dist(r[p]))
+            v_k.append(rng.normal(size=n * (n - 1) // 2))
+    tensors = {
+        "z": np.array([{"C": 6, "H": 1, "O": 8, "N": 7}[s] for s in species], dtype=np.int32),
+        "perms": np.array(perms, dtype=np.int32),
+        "R_desc": np.array(x_k, dtype=np.float64),
+        "R_d_desc_alpha": np.array(v_k, dtype=np.float64),
+    }
+    meta = {
+        "format_version": 1, "model": "sgdml", "gpff_version": "0.1.0",
+        "units": {"energy": "kcal/mol", "length": "Angstrom"},
+        "species": list(species), "n_atoms": n, "kernel": "matern52",
+        "descriptor": "inverse_distance", "sigma": 0.7, "lam": 1e-10,
+        "integration_constant": -97.5, "n_train": n_train, "n_perms": len(perms),
+        "molecule_extent": 3.2, "provenance": {"dataset": "synthetic"},
+    }
+    return tensors, meta
+
+
+def write_model(path, tensors, meta):
+    save_file(tensors, str(path), metadata={"gpff": json.dumps(meta)})
+    return str(path)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    tensors, meta = make_model_arrays()
+    return write_model(tmp_path / "synthetic.gpff", tensors, meta)
+
+
+@pytest.fixture
+def model(model_file):
+    return _core.SGDMLModel(model_file)
+
+
+# ---- loading and properties -------------------------------------------------------------------
+
+def test_properties(model, model_file):
+    assert model.n_atoms == 5
+    assert model.atomic_numbers == Z
+    assert model.species == SPECIES
+    assert model.energy_unit == "kcal/mol"
+    assert model.molecule_extent == 3.2
+    assert model.n_perms == 2
+    assert model.n_train == 4
+    assert model.sigma == 0.7
+    assert model.integration_constant == -97.5
+    assert model.path == model_file
+
+
+def test_pathlike(model_file):
+    import pathlib
+
+    assert _core.SGDMLModel(pathlib.Path(model_file)).n_atoms == 5
+
+
+# ---- physics ----------------------------------------------------------------------------------
+
+def test_forces_are_minus_energy_gradient(model):
+    rng = np.random.default_rng(1)
+    h = 1e-5
+    for _ in range(3):
+        r = geometry(rng)
+        e, f, _ = model.compute(r)
+        assert f.shape == (5, 3) and np.isfinite(e)
+        f_fd = np.zeros_like(f)
+        for i in range(5):
+            for c in range(3):
+                rp, rm = r.copy(), r.copy()
+                rp[i, c] += h
+                rm[i, c] -= h
+                f_fd[i, c] = -(model.compute(rp)[0] - model.compute(rm)[0]) / (2 * h)
+        assert np.max(np.abs(f_fd - f)) <= 1e-6 * np.max(np.abs(f))
+
+
+def test_virial_is_sum_r_outer_f(model):
+    rng = np.random.default_rng(2)
+    r = geometry(rng) + np.array([3.0, -7.0, 11.0])
+    _, f, w = model.compute(r)
+    full = r.T @ f    # W_ab = sum_i r_ia F_ib
+    expected = np.array([full[0, 0], full[1, 1], full[2, 2], full[0, 1], full[0, 2], full[1, 2]])
+    assert w.shape == (6,)
+    assert np.allclose(w, expected, rtol=1e-10, atol=1e-10 * np.max(np.abs(expected)))
+    # a free molecule has no torque: W symmetric
+    assert np.allclose(full, full.T, atol=1e-10 * np.max(np.abs(full)))
+    # and no net force
+    assert np.allclose(f.sum(axis=0), 0.0, atol=1e-10 * np.max(np.abs(f)))
+
+
+def test_translation_rotation_invariance(model):
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    r = geometry(rng)
+    e, f, _ = model.compute(r)
+    rot = Rotation.random(random_state=4).as_matrix()
+    r2 = r @ rot.T + np.array([10.0, -5.0, 2.5])
+    e2, f2, _ = model.compute(r2)
+    assert e2 == pytest.approx(e, rel=1e-12, abs=1e-12)
+    assert np.allclose(f2, f @ rot.T, rtol=1e-10, atol=1e-10 * np.max(np.abs(f)))
+
+
+def test_far_apart_atoms_finite(model):
+    r = np.array([[0.0, 0.0, 0.0], [40.0, 0, 0], [0, 40.0, 0], [0, 0, 40.0], [40.0, 40.0, 40.0]])
+    e, f, w = model.compute(r)
+    assert np.isfinite(e) and np.all(np.isfinite(f)) and np.all(np.isfinite(w))
+
+
+def test_threads_give_identical_results(model):
+    rng = np.random.default_rng(6)
+    geoms = [geometry(rng) for _ in range(16)]
+    ref = [model.compute(r) for r in geoms]
+    out = [None] * len(geoms)
+
+    def work(k):
+        for _ in range(20):
+            out[k] = model.compute(geoms[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(geoms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (e, f, w), (e2, f2, w2) in zip(ref, out):
+        assert e == e2 and np.array_equal(f, f2) and np.array_equal(w, w2)
+
+
+# ---- bad input to compute ---------------------------------------------------------------------
+
+def test_wrong_atom_count_is_species_error(model):
+    with pytest.raises(SpeciesError, match=r"expected shape \(5, 3\)"):
+        model.compute(np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("shape", [(5,), (15,), (5, 2), (5, 3, 1)])
+def test_wrong_shape_is_value_error(model, shape):
+    with pytest.raises(ValueError, match=r"\(5, 3\)"):
+        model.compute(np.ones(shape))
+
+
+def test_coincident_atoms_raise(model):
+    r = geometry(np.random.default_rng(7))
+    r[3] = r[1]
+    with pytest.raises(ValueError, match=r"atoms 3 and 1 coincide"):
+        model.compute(r)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_positions_raise(model, bad):
+    r = geometry(np.random.default_rng(8))
+    r[2, 1] = bad
+    with pytest.raises(ValueError, match="non-finite position of atom 2"):
+        model.compute(r)
+
+
+def test_huge_positions_raise_not_crash(model):
+    r = geometry(np.random.default_rng(9)) * 1e200
+    try:
+        e, f, _ = model.compute(r)
+        assert np.isfinite(e) and np.all(np.isfinite(f))
+    except ValueError as err:
+        assert "non-finite" in str(err) or "coincide" in str(err)
+
+
+# ---- bad files --------------------------------------------------------------------------------
+
+def raw_safetensors(header, data=b""):
+    """Bytes of a safetensors file with the given header dict (or raw header bytes)."""
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def split_file(path):
+    """(header dict, data bytes) of a safetensors file."""
+    b = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", b[:8])
+    return json.loads(b[8:8 + n]), b[8 + n:]
+
+
+def check_error(path, phrase):
+    with pytest.raises(ModelFileError) as info:
+        _core.SGDMLModel(str(path))
+    message = str(info.value)
+    assert os.path.basename(str(path)) in message, message
+    assert phrase in message, message
+    return message
+
+
+def test_missing_file(tmp_path):
+    check_error(tmp_path / "nope.gpff", "cannot open model file")
+
+
+def test_truncated_at_many_offsets(model_file, tmp_path):
+    b = open(model_file, "rb").read()
+    (n,) = struct.unpack("<Q", b[:8])
+    offsets = sorted({0, 1, 4, 7, 8, 9, 8 + n // 2, 8 + n - 1, 8 + n, 8 + n + 1, 8 + n + 100,
+                      len(b) // 2, len(b) - 8, len(b) - 1}
+                     | set(range(8 + n, len(b), max(1, (len(b) - 8 - n) // 37))))
+    for k in offsets:
+        if k >= len(b):
+            continue
+        p = tmp_path / f"trunc_{k}.gpff"
+        p.write_bytes(b[:k])
+        with pytest.raises(ModelFileError) as info:
+            _core.SGDMLModel(str(p))
+        msg = str(info.value)
+        assert p.name in msg, msg
+        assert "truncated" in msg or "missing tensor" in msg, (k, msg)
+
+
+def test_header_length_larger_than_file(model_file, tmp_path):
+    b = bytearray(open(model_file, "rb").read())
+    b[:8] = struct.pack("<Q", len(b))
+    p = tmp_path / "hlen.gpff"
+    p.write_bytes(bytes(b))
+    check_error(p, "larger than the file")
+    b[:8] = struct.pack("<Q", 2**64 - 1)
+    p.write_bytes(bytes(b))
+    check_error(p, "larger than the file")
+
+
+def test_garbage_json(tmp_path):
+    p = tmp_path / "garbage.gpff"
+    p.write_bytes(raw_safetensors(b"{this is not json at all]", b"\0" * 16))
+    check_error(p, "invalid JSON in safetensors header")
+    p.write_bytes(raw_safetensors(b"\xff\xfe\x00garbage", b""))
+    check_error(p, "invalid JSON in safetensors header")
+    p.write_bytes(raw_safetensors(b"[1, 2, 3]"))
+    check_error(p, "not a JSON object")
+
+
+def test_not_a_gpff_file(model_file, tmp_path):
+    header, data = split_file(model_file)
+    del header["__metadata__"]
+    p = tmp_path / "nometa.gpff"
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "no __metadata__")
+    header["__metadata__"] = {"other": "x"}
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "no __metadata__.gpff")
+    header["__metadata__"] = {"gpff": "{not json"}
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "invalid JSON in __metadata__.gpff")
+
+
+def test_wrong_format_version(tmp_path):
+    tensors, meta = make_model_arrays()
+    meta["format_version"] = 2
+    p = write_model(tmp_path / "v2.gpff", tensors, meta)
+    check_error(p, "unsupported format_version 2")
+    meta["format_version"] = "1"
+    p = write_model(tmp_path / "vstr.gpff", tensors, meta)
+    check_error(p, "format_version is not an integer")
+    del meta["format_version"]
+    p = write_model(tmp_path / "vnone.gpff", tensors, meta)
+    check_error(p, "no format_version")
+
+
+@pytest.mark.parametrize("name,dtype,phrase", [
+    ("R_desc", np.float32, "unsupported dtype F32"),
+    ("z", np.int64, "unsupported dtype I64"),
+    ("R_d_desc_alpha", np.int32, "tensor 'R_d_desc_alpha' has dtype I32, expected F64"),
+    ("perms", np.float64, "tensor 'perms' has dtype F64, expected I32"),
+])
+def test_wrong_dtype(tmp_path, name, dtype, phrase):
+    tensors, meta = make_model_arrays()
+    tensors[name] = tensors[name].astype(dtype)
+    check_error(write_model(tmp_path / "dtype.gpff", tensors, meta), phrase)
+
+
+def test_shape_offset_mismatch(model_file, tmp_path):
+    header, data = split_file(model_file)
+    header["R_desc"]["shape"] = [header["R_desc"]["shape"][0] + 1, header["R_desc"]["shape"][1]]
+    p = tmp_path / "shape.gpff"
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "shape/offset mismatch")
+    header, data = split_file(model_file)
+    header["z"]["shape"] = [2**40, 2**40]
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "shape/offset mismatch")
+    header, data = split_file(model_file)
+    header["z"]["shape"] = [-5]
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "non-negative")
+
+
+def test_offsets_outside_and_overlapping(model_file, tmp_path):
+    header, data = split_file(model_file)
+    b, e = header["z"]["data_offsets"]
+    header["z"]["data_offsets"] = [len(data) - (e - b) + 4, len(data) + 4]
+    p = tmp_path / "outside.gpff"
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "outside the")
+    header, data = split_file(model_file)
+    header["z"]["data_offsets"] = list(header["perms"]["data_offsets"])
+    header["z"]["data_offsets"][1] = header["z"]["data_offsets"][0] + 20
+    p = tmp_path / "overlap.gpff"
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "overlap")
+    header, data = split_file(model_file)
+    header["z"]["data_offsets"] = [8, 4]
+    p.write_bytes(raw_safetensors(header, data))
+    check_error(p, "outside the")
+
+
+@pytest.mark.parametrize("name", ["R_desc", "R_d_desc_alpha"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_tensor(tmp_path, name, bad):
+    tensors, meta = make_model_arrays()
+    tensors[name][3, 2] = bad
+    check_error(write_model(tmp_path / "nan.gpff", tensors, meta),
+                f"tensor '{name}' contains non-finite values")
+
+
+@pytest.mark.parametrize("row,phrase", [
+    ([1, 0, 3, 3, 4], "perms row 1 is not a permutation"),
+    ([1, 0, 3, 2, 5], "perms row 1 is not a permutation"),
+    ([1, 0, 3, 2, -1], "perms row 1 is not a permutation"),
+    ([2, 1, 0, 3, 4], "perms row 1 maps atom 0 onto atom 2 of another element"),
+])
+def test_bad_perms(tmp_path, row, phrase):
+    tensors, meta = make_model_arrays()
+    tensors["perms"][1] = row
+    check_error(write_model(tmp_path / "perms.gpff", tensors, meta), phrase)
+
+
+@pytest.mark.parametrize("name", ["z", "perms", "R_desc", "R_d_desc_alpha"])
+def test_missing_tensor(tmp_path, name):
+    tensors, meta = make_model_arrays()
+    del tensors[name]
+    check_error(write_model(tmp_path / "missing.gpff", tensors, meta), f"missing tensor '{name}'")
+
+
+@pytest.mark.parametrize("change,phrase", [
+    (lambda t, m: m.update(model="mff"), "model kind 'mff' is not 'sgdml'"),
+    (lambda t, m: m.pop("model"), "metadata key 'model' is missing"),
+    (lambda t, m: m.update(kernel="rbf"), "kernel 'rbf' is not supported"),
+    (lambda t, m: m.update(descriptor="coulomb"), "descriptor 'coulomb' is not supported"),
+    (lambda t, m: m.update(sigma=0.0), "sigma must be > 0"),
+    (lambda t, m: m.update(sigma=-1.0), "sigma must be > 0"),
+    (lambda t, m: m.update(sigma="big"), "metadata key 'sigma' must be a number"),
+    (lambda t, m: m.update(units={"energy": "Ry", "length": "Angstrom"}), "energy unit 'Ry'"),
+    (lambda t, m: m.update(units={"energy": "eV", "length": "bohr"}), "length unit 'bohr'"),
+    (lambda t, m: m.update(species=["C", "C", "H", "H"]), "species has 4 entries, expected N = 5"),
+    (lambda t, m: m.update(species=["C", "C", "H", "H", "Xx"]), "'Xx' is not an element symbol"),
+    (lambda t, m: m.update(species=["C", "C", "H", "O", "H"]), "does not match z[3] = 1"),
+    (lambda t, m: m.update(n_atoms=6), "metadata n_atoms = 6"),
+    (lambda t, m: m.update(n_train=5), "metadata n_train = 5"),
+    (lambda t, m: m.update(n_perms=1), "metadata n_perms = 1"),
+    (lambda t, m: t.update(R_desc=t["R_desc"][:, :-1].copy()), "tensor 'R_desc' has shape (8, 9)"),
+    (lambda t, m: t.update(R_desc=t["R_desc"][:-1].copy()), "tensor 'R_desc' has shape (7, 10)"),
+    (lambda t, m: t.update(R_d_desc_alpha=t["R_d_desc_alpha"][:-2].copy()),
+     "tensor 'R_d_desc_alpha' has shape (6, 10), expected (8, 10)"),
+    (lambda t, m: t.update(perms=t["perms"][:, :4].copy()), "tensor 'perms' has shape (2, 4)"),
+    (lambda t, m: t.update(z=t["z"].reshape(5, 1).copy()), "tensor 'z' has shape (5, 1)"),
+])
+def test_bad_metadata_or_shapes(tmp_path, change, phrase):
+    tensors, meta = make_model_arrays()
+    change(tensors, meta)
+    check_error(write_model(tmp_path / "bad.gpff", tensors, meta), phrase)
+
+
+_VALID = None
+
+
+def _valid_bytes():
+    global _VALID
+    if _VALID is None:
+        with tempfile.TemporaryDirectory() as d:
+            tensors, meta = make_model_arrays()
+            _VALID = open(write_model(os.path.join(d, "m.gpff"), tensors, meta), "rb").read()
+    return _VALID
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                      min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_fuzz_random_bytes_never_crash(flips, cut):
+    b = bytearray(_valid_bytes())
+    for pos, value in flips:
+        b[int(pos * len(b))] = value
+    if cut is not None:
+        b = b[:int(cut * len(b))]
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "fuzz.gpff")
+        with open(p, "wb") as fh:
+            fh.write(bytes(b))
+        try:
+            m = _core.SGDMLModel(p)
+        except ModelFileError as err:
+            assert "fuzz.gpff" in str(err)
+            return
+    r = geometry(np.random.default_rng(0), m.n_atoms)
+    try:
+        e, f, w = m.compute(r)
+        assert np.isfinite(e)
+    except ValueError:
+        pass
+
+
+# ---- ASE calculator ---------------------------------------------------------------------------
+
+def test_calculator_units_and_forces(model_file, model):
+    from ase import Atoms
+
+    from gpff.calculator import GPFFCalculator
+    from gpff.units import energy_factor
+
+    r = geometry(np.random.default_rng(10))
+    atoms = Atoms(SPECIES, positions=r)
+    atoms.calc = GPFFCalculator(model_file)
+    e, f, _ = model.compute(r)
+    k = energy_factor("kcal/mol", "eV")
+    assert k == pytest.approx(0.0433641, rel=1e-5)
+    assert atoms.get_potential_energy() == pytest.approx(e * k, rel=1e-14)
+    assert np.allclose(atoms.get_forces(), f * k, rtol=1e-14, atol=0)
+    assert atoms.get_potential_energy(force_consistent=True) == pytest.approx(e * k, rel=1e-14)
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    with pytest.raises(PropertyNotImplementedError):
+        atoms.get_stress()
+
+
+def test_calculator_stress_in_periodic_cell(model_file, model):
+    from ase import Atoms
+
+    from gpff.calculator import GPFFCalculator
+    from gpff.units import energy_factor, virial_to_stress
+
+    r = geometry(np.random.default_rng(11)) + 10.0
+    atoms = Atoms(SPECIES, positions=r, cell=[20.0, 21.0, 22.0], pbc=True)
+    atoms.calc = GPFFCalculator(model_file)
+    _, _, w = model.compute(r)
+    k = energy_factor("kcal/mol", "eV")
+    s = atoms.get_stress()
+    assert s.shape == (6,)
+    assert np.allclose(s, virial_to_stress(w * k, 20.0 * 21.0 * 22.0), rtol=1e-12, atol=0)
+
+
+def test_calculator_ev_model(tmp_path):
+    from ase import Atoms
+
+    from gpff.calculator import GPFFCalculator
+
+    tensors, meta = make_model_arrays()
+    meta["units"]["energy"] = "eV"
+    p = write_model(tmp_path / "ev.gpff", tensors, meta)
+    r = geometry(np.random.default_rng(12))
+    atoms = Atoms(SPECIES, positions=r, calculator=GPFFCalculator(p))
+    assert atoms.get_potential_energy() == pytest.approx(_core.SGDMLModel(p).compute(r)[0], rel=1e-15)
+
+
+def test_calculator_species_errors(model_file):
+    from ase import Atoms
+
+    from gpff.calculator import GPFFCalculator
+
+    r = geometry(np.random.default_rng(13))
+    atoms = Atoms(["O", "C", "H", "H", "C"], positions=r)
+    atoms.calc = GPFFCalculator(model_file)
+    with pytest.raises(SpeciesError, match=r"synthetic\.gpff: atom 0 is O \(Z=8\) but the model expects C"):
+        atoms.get_potential_energy()
+    atoms = Atoms(["C", "C", "H", "H"], positions=r[:4])
+    atoms.calc = GPFFCalculator(model_file)
+    with pytest.raises(SpeciesError, match=r"synthetic\.gpff: the model has 5 atoms"):
+        atoms.get_forces()
+
+
+def test_calculator_bad_file(tmp_path):
+    from gpff.calculator import GPFFCalculator
+
+    with pytest.raises(ModelFileError, match="missing.gpff"):
+        GPFFCalculator(tmp_path / "missing.gpff")

@@ -1,0 +1,101 @@
+"""The exact sGDML model in Python: physics, symmetries, consistency, file round trip."""
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+import gpff
+from gpff.sgdml import SGDML
+
+
+def central_difference_forces(model, R, h=1e-4):
+    """-dE/dR by the 4th-order central difference stencil."""
+    F = np.zeros_like(R)
+    for a in range(R.shape[0]):
+        for c in range(3):
+            e = []
+            for step in (-2, -1, 1, 2):
+                Rs = R.copy()
+                Rs[a, c] += step * h
+                e.append(model.predict(Rs)[0])
+            F[a, c] = -(e[0] - 8 * e[1] + 8 * e[2] - e[3]) / (12 * h)
+    return F
+
+
+def test_forces_are_minus_energy_gradient(ethanol_model, ethanol_test):
+    for R in ethanol_test.R[:3]:
+        _, F = ethanol_model.predict(R)
+        fd = central_difference_forces(ethanol_model, R)
+        assert np.abs(fd - F).max() / np.abs(F).max() < 1e-6
+
+
+def test_rotation_translation_invariance(ethanol_model, ethanol_test):
+    R = ethanol_test.R[5]
+    E, F = ethanol_model.predict(R)
+    rot = Rotation.from_euler("xyz", [0.3, -1.1, 2.0]).as_matrix()
+    E2, F2 = ethanol_model.predict(R @ rot.T + np.array([3.0, -7.0, 11.0]))
+    assert E2 == pytest.approx(E, rel=1e-12, abs=1e-9)
+    assert np.abs(F2 - F @ rot.T).max() < 1e-9 * np.abs(F).max()
+
+
+def test_permutation_invariance(ethanol_model, ethanol_test):
+    R = ethanol_test.R[7]
+    E, F = ethanol_model.predict(R)
+    assert len(ethanol_model.perms) == 6
+    for p in ethanol_model.perms:
+        Ep, Fp = ethanol_model.predict(R[p])
+        assert Ep == pytest.approx(E, rel=1e-12, abs=1e-9)
+        assert np.abs(Fp - F[p]).max() < 1e-9 * np.abs(F).max()
+
+
+def test_training_forces_reproduced(ethanol_train):
+    """K α = F on the training set: the kernel matrix and the early-contraction predictor agree."""
+    train = ethanol_train.subset(np.arange(0, 300, 10))
+    model = SGDML(sigma=10.0, lam=1e-12, progress=False).fit(train)
+    _, F = model.predict(train.R)
+    assert np.abs(F - train.F).max() / np.abs(train.F).max() < 1e-5
+
+
+def test_plain_gdml_has_identity_only(ethanol_train):
+    model = SGDML(sigma=10.0, use_sym=False, progress=False).fit(ethanol_train.subset(range(20)))
+    np.testing.assert_array_equal(model.perms, np.arange(9)[None])
+
+
+def test_accuracy_and_integration_constant(ethanol_model, ethanol_test):
+    E, F = ethanol_model.predict(ethanol_test.R[:200])
+    assert np.mean(np.abs(F - ethanol_test.F[:200])) < 1.2      # kcal/mol/Å, 200 training frames
+    assert np.mean(np.abs(E - ethanol_test.E[:200])) < 0.3      # kcal/mol
+
+
+def test_save_load_round_trip(ethanol_model, ethanol_model_path, ethanol_test):
+    from safetensors import safe_open
+
+    loaded = gpff.load(ethanol_model_path)
+    E1, F1 = ethanol_model.predict(ethanol_test.R[:10])
+    E2, F2 = loaded.predict(ethanol_test.R[:10])
+    np.testing.assert_array_equal(E1, E2)
+    np.testing.assert_array_equal(F1, F2)
+    with safe_open(ethanol_model_path, framework="numpy") as fh:
+        assert set(fh.keys()) == {"z", "perms", "R_desc", "R_d_desc_alpha"}
+        assert "gpff" in fh.metadata()
+
+
+def test_predict_rejects_wrong_atom_count(ethanol_model):
+    with pytest.raises(gpff.SpeciesError, match="9-atom model"):
+        ethanol_model.predict(np.zeros((8, 3)))
+
+
+def test_save_is_atomic(ethanol_model, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    target = tmp_path / "m.gpff"
+    target.write_bytes(b"previous model")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+    with pytest.raises(OSError):
+        ethanol_model.save(target)
+    assert target.read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gpff"]

@@ -1,0 +1,158 @@
+"""The ``gpff`` command line: ``gpff train sgdml``, ``gpff test``, ``gpff info``.
+
+Each subcommand is a thin function over the Python API; errors are gpff exceptions, reported on
+stderr by :func:`main` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _floats(text: str):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def cmd_train_sgdml(args) -> dict:
+    from .data import load_dataset, split_indices
+    from .errors import DatasetError
+    from .sgdml import train_sgdml
+
+    data = load_dataset(args.data, energy_unit=args.energy_unit)
+    n_valid = args.n_valid if args.n_valid is not None else (
+        0 if args.valid or not args.sigma_grid else min(200, data.n_frames // 5))
+    if args.valid:
+        valid = load_dataset(args.valid, energy_unit=args.energy_unit)
+        n_train = args.n_train or data.n_frames
+        (train_idx,) = split_indices(data.n_frames, [n_train], args.seed)
+        valid = valid.subset(split_indices(valid.n_frames, [min(n_valid or valid.n_frames,
+                                                              valid.n_frames)], args.seed + 1)[0])
+    else:
+        n_train = args.n_train or data.n_frames - n_valid
+        train_idx, valid_idx = split_indices(data.n_frames, [n_train, n_valid], args.seed)
+        valid = data.subset(valid_idx) if n_valid else None
+    if n_train < 1:
+        raise DatasetError(f"{args.data}: no training frames left ({data.n_frames} frames, "
+                           f"{n_valid} for validation)")
+    train = data.subset(train_idx)
+    model = train_sgdml(train, valid, sigmas=args.sigma_grid or [args.sigma], lam=args.lam,
+                        use_sym=not args.no_sym, device=args.device, progress=not args.quiet)
+    model.provenance["seed"] = args.seed
+    model.save(args.output)
+    summary = {"model": os.fspath(args.output), "sigma": model.sigma, "n_train": model.n_train,
+               "n_perms": len(model.perms), "energy_unit": model.energy_unit,
+               "validation": model.provenance.get("validation"),
+               "train_seconds": model.provenance["train_seconds"]}
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def cmd_test(args) -> dict:
+    from .data import load_dataset
+    from .evaluate import evaluate_model
+
+    data = load_dataset(args.data, energy_unit=args.energy_unit)
+    if args.n:
+        data = data.subset(np.arange(min(args.n, data.n_frames)))
+    res = evaluate_model(args.model, data, plot=args.plot)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        eu = res["energy_unit"]
+        print(f"{res['n_frames']} frames of {res['data']}")
+        if res["energy_mae"] is not None:
+            print(f"energy MAE {res['energy_mae']:.4f} {eu}   RMSE {res['energy_rmse']:.4f} {eu}")
+        print(f"force  MAE {res['force_mae']:.4f} {eu}/Å RMSE {res['force_rmse']:.4f} {eu}/Å")
+    return res
+
+
+def cmd_info(args) -> dict:
+    from .modelfile import read_model_file
+
+    meta, tensors = read_model_file(args.model)
+    info = {k: v for k, v in meta.items() if k != "provenance"}
+    info["file"] = os.fspath(args.model)
+    info["perms"] = tensors["perms"].tolist() if "perms" in tensors else None
+    prov = dict(meta.get("provenance", {}))
+    prov.pop("train_indices", None)
+    info["provenance"] = prov
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key in ("file", "model", "format_version", "gpff_version", "n_atoms", "species",
+                    "n_perms", "kernel", "descriptor", "sigma", "lam", "units", "n_train",
+                    "molecule_extent"):
+            if key in info:
+                print(f"{key:16s} {info[key]}")
+        for key, value in prov.items():
+            print(f"{'provenance.' + key:16s} {value}")
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpff", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model")
+    kinds = train.add_subparsers(dest="kind", required=True)
+    sg = kinds.add_parser("sgdml", help="symmetric GDML model of one molecule")
+    sg.add_argument("data", help="rMD17 npz, sGDML npz, or any ASE file with energies and forces")
+    sg.add_argument("-o", "--output", required=True, help="model file to write (.gpff)")
+    sg.add_argument("--n-train", type=int, help="training frames (default: all not used for validation)")
+    sg.add_argument("--n-valid", type=int, help="validation frames (default 0; 1/5 up to 200 with --sigma-grid)")
+    sg.add_argument("--valid", help="draw validation frames from this file instead")
+    grp = sg.add_mutually_exclusive_group()
+    grp.add_argument("--sigma", type=float, default=10.0, help="kernel length scale σ (default 10)")
+    grp.add_argument("--sigma-grid", type=_floats, help="comma-separated σ values, chosen by validation force MAE")
+    sg.add_argument("--lam", type=float, default=1e-10, help="regularisation λ (default 1e-10)")
+    sg.add_argument("--no-sym", action="store_true", help="plain GDML: no permutational symmetries")
+    sg.add_argument("--seed", type=int, default=0, help="seed of the frame selection")
+    sg.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    sg.add_argument("--energy-unit", help="override the dataset's energy unit")
+    sg.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sg.set_defaults(func=cmd_train_sgdml)
+
+    test = sub.add_parser("test", help="errors of a model on a dataset (through the C++ core)")
+    test.add_argument("model")
+    test.add_argument("data")
+    test.add_argument("--json", action="store_true", help="print one JSON object")
+    test.add_argument("--plot", help="write a parity plot (png, pdf, svg)")
+    test.add_argument("--n", type=int, help="use the first N frames only")
+    test.add_argument("--energy-unit", help="override the dataset's energy unit")
+    test.set_defaults(func=cmd_test)
+
+    info = sub.add_parser("info", help="describe a model file")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    from .errors import GpffError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GpffError as err:
+        print(f"gpff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpff: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
