@@ -32,6 +32,9 @@ cdef extern from "sgdml.h" nogil:
         double sigma()
         double integration_constant()
         const string &path()
+        double flops_per_call()
+        @staticmethod
+        const char *kernel_isa()
 
 # Exception-free wrappers: every C++ exception is caught here and turned into a status code and
 # a message, so that they can run without the GIL and nothing escapes into Python uncaught.
@@ -85,6 +88,13 @@ cdef extern from *:
 
 cdef str _text(const string &s):
     return s.decode("utf-8", "replace")
+
+
+def kernel_isa() -> str:
+    """SIMD kernel of the C++ core chosen for this CPU: "avx512", "avx2" or "baseline"
+    (GPFF_KERNEL=baseline|avx2 in the environment, read once per process, forces a narrower one)."""
+    cdef const char *name = CSGDMLModel.kernel_isa()
+    return name.decode("ascii")
 
 
 cdef class SGDMLModel:
@@ -161,6 +171,11 @@ cdef class SGDMLModel:
     def integration_constant(self) -> float:
         """Integration constant c, energy unit."""
         return self._model.integration_constant()
+
+    @property
+    def flops_per_call(self) -> float:
+        """Nominal flop count of one compute() call, M*S*(10*D + 40) (benchmarks)."""
+        return self._model.flops_per_call()
 
     def compute(self, positions):
         """Energy, forces and virial of one molecule.

@@ -41,30 +41,43 @@ def inv_dist(r):
     return 1.0 / np.linalg.norm(r[i] - r[j], axis=-1)
 
 
-def make_model_arrays(seed=0, n_train=4, species=SPECIES, perms=PERMS):
+def make_model_arrays(seed=0, n_train=4, species=SPECIES, perms=PERMS, sigma=0.7):
+    """Tensors and metadata of a valid sGDML model: M = n_train rows x_m (descriptors of random
+    geometries) and v_m (random), (M, D) each; perms (S, N) a group (docs/model_file.md)."""
     rng = np.random.default_rng(seed)
     n = len(species)
-    x_k, v_k = [], []
+    x_m, v_m = [], []
     for _ in range(n_train):
-        r = geometry(rng, n)
-        for p in perms:
-            x_k.append(inv_dist(r[p]))
-            v_k.append(rng.normal(size=n * (n - 1) // 2))
+        x_m.append(inv_dist(geometry(rng, n)))
+        v_m.append(rng.normal(size=n * (n - 1) // 2))
     tensors = {
         "z": np.array([{"C": 6, "H": 1, "O": 8, "N": 7}[s] for s in species], dtype=np.int32),
         "perms": np.array(perms, dtype=np.int32),
-        "R_desc": np.array(x_k, dtype=np.float64),
-        "R_d_desc_alpha": np.array(v_k, dtype=np.float64),
+        "R_desc": np.array(x_m, dtype=np.float64),
+        "R_d_desc_alpha": np.array(v_m, dtype=np.float64),
     }
     meta = {
         "format_version": 1, "model": "sgdml", "gpff_version": "0.1.0",
         "units": {"energy": "kcal/mol", "length": "Angstrom"},
         "species": list(species), "n_atoms": n, "kernel": "matern52",
-        "descriptor": "inverse_distance", "sigma": 0.7, "lam": 1e-10,
+        "descriptor": "inverse_distance", "sigma": sigma, "lam": 1e-10,
         "integration_constant": -97.5, "n_train": n_train, "n_perms": len(perms),
         "molecule_extent": 3.2, "provenance": {"dataset": "synthetic"},
     }
     return tensors, meta
+
+
+def reference_energy(r, tensors, meta):
+    """The contract's prediction (docs/model_file.md) in numpy: E = c + sum_q E0(R[p_q])."""
+    a = np.sqrt(5.0) / meta["sigma"]
+    x_m, v_m = tensors["R_desc"], tensors["R_d_desc_alpha"]
+    energy = meta["integration_constant"]
+    for p in tensors["perms"]:
+        u = inv_dist(r[p]) - x_m                                   # x_q - x_m, (M, D)
+        d = np.linalg.norm(u, axis=1)
+        g = (a * a / 3.0) * (1.0 + a * d) * np.exp(-a * d)
+        energy += np.sum(g * np.einsum("md,md->m", -u, v_m))
+    return energy
 
 
 def write_model(path, tensors, meta):
@@ -154,6 +167,97 @@ def test_far_apart_atoms_finite(model):
     r = np.array([[0.0, 0.0, 0.0], [40.0, 0, 0], [0, 40.0, 0], [0, 0, 40.0], [40.0, 40.0, 40.0]])
     e, f, w = model.compute(r)
     assert np.isfinite(e) and np.all(np.isfinite(f)) and np.all(np.isfinite(w))
+
+
+# a non-abelian symmetry group: all 6 orderings of the three methyl H atoms (1, 2, 3)
+SPECIES_S3 = ["C", "H", "H", "H", "O", "H"]
+PERMS_S3 = [[0] + [1 + k for k in p] + [4, 5]
+            for p in [(0, 1, 2), (1, 2, 0), (2, 0, 1), (1, 0, 2), (0, 2, 1), (2, 1, 0)]]
+
+
+@pytest.fixture(scope="module")
+def s3_model(tmp_path_factory):
+    tensors, meta = make_model_arrays(seed=21, n_train=7, species=SPECIES_S3, perms=PERMS_S3,
+                                      sigma=1.3)
+    path = write_model(tmp_path_factory.mktemp("s3") / "s3.gpff", tensors, meta)
+    return _core.SGDMLModel(path), tensors, meta
+
+
+def test_symmetric_model_invariant_under_its_permutations(s3_model):
+    model, tensors, meta = s3_model
+    assert model.n_perms == 6 and model.n_train == 7
+    rng = np.random.default_rng(22)
+    for _ in range(3):
+        r = geometry(rng, 6)
+        e, f, w = model.compute(r)
+        assert e == pytest.approx(reference_energy(r, tensors, meta), rel=1e-12)
+        for p in PERMS_S3:
+            e_p, f_p, w_p = model.compute(r[p])          # atom a of the query is atom p[a] of r
+            assert e_p == pytest.approx(e, rel=1e-13, abs=1e-13)
+            assert np.allclose(f_p, f[p], rtol=0, atol=1e-12 * np.max(np.abs(f)))
+            assert np.allclose(w_p, w, rtol=0, atol=1e-12 * np.max(np.abs(w)))
+        # a permutation outside the group (swap H1 and the hydroxyl H5) changes the energy
+        q = [0, 5, 2, 3, 4, 1]
+        assert abs(model.compute(r[q])[0] - e) > 1e-8 * abs(e)
+
+
+def test_symmetric_model_finite_difference_forces(s3_model):
+    model, _, _ = s3_model
+    rng = np.random.default_rng(23)
+    h = 1e-5
+    for _ in range(3):
+        r = geometry(rng, 6)
+        e, f, _ = model.compute(r)
+        f_fd = np.zeros_like(f)
+        for i in range(6):
+            for c in range(3):
+                rp, rm = r.copy(), r.copy()
+                rp[i, c] += h
+                rm[i, c] -= h
+                f_fd[i, c] = -(model.compute(rp)[0] - model.compute(rm)[0]) / (2 * h)
+        assert np.max(np.abs(f_fd - f)) <= 1e-6 * np.max(np.abs(f))
+
+
+def test_energy_matches_contract_reference(tmp_path):
+    """Many rows (not a multiple of the 8-row SIMD block) and S = 2: core == numpy formula."""
+    tensors, meta = make_model_arrays(seed=24, n_train=29)
+    model = _core.SGDMLModel(write_model(tmp_path / "ref.gpff", tensors, meta))
+    rng = np.random.default_rng(25)
+    for _ in range(5):
+        r = geometry(rng)
+        assert model.compute(r)[0] == pytest.approx(reference_energy(r, tensors, meta), rel=1e-12)
+    # a query at a training geometry (d = 0 for that row, sqrt(0) in the kernel) is fine
+    r0 = geometry(rng)
+    tensors["R_desc"][0] = inv_dist(r0)
+    model = _core.SGDMLModel(write_model(tmp_path / "ref0.gpff", tensors, meta))
+    e, f, _ = model.compute(r0)
+    assert e == pytest.approx(reference_energy(r0, tensors, meta), rel=1e-12)
+    assert np.all(np.isfinite(f))
+
+
+def test_all_simd_kernels_agree(s3_model):
+    """GPFF_KERNEL forces the baseline / AVX2 kernel (in a fresh process): same numbers."""
+    import subprocess
+    import sys
+
+    model, _, _ = s3_model
+    assert _core.kernel_isa() in ("avx512", "avx2", "baseline")
+    rng = np.random.default_rng(26)
+    r = geometry(rng, 6)
+    e, f, w = model.compute(r)
+    code = ("import sys, json, numpy as np; from gpff import _core; "
+            "m = _core.SGDMLModel(sys.argv[1]); e, f, w = m.compute(np.array(json.loads(sys.argv[2]))); "
+            "print(json.dumps([_core.kernel_isa(), e, f.tolist(), w.tolist()]))")
+    for kernel in ("baseline", "avx2", "avx512"):
+        env = dict(os.environ, GPFF_KERNEL=kernel)
+        out = subprocess.run([sys.executable, "-c", code, model.path, json.dumps(r.tolist())],
+                             env=env, capture_output=True, text=True, check=True, cwd=os.path.dirname(model.path))
+        isa, e2, f2, w2 = json.loads(out.stdout)
+        if kernel != "avx512":
+            assert isa in (kernel, "baseline")
+        assert e2 == pytest.approx(e, rel=1e-13)
+        assert np.allclose(f2, f, rtol=0, atol=1e-12 * np.max(np.abs(f)))
+        assert np.allclose(w2, w, rtol=0, atol=1e-12 * np.max(np.abs(w)))
 
 
 def test_threads_give_identical_results(model):
@@ -374,6 +478,27 @@ def test_bad_perms(tmp_path, row, phrase):
     check_error(write_model(tmp_path / "perms.gpff", tensors, meta), phrase)
 
 
+@pytest.mark.parametrize("perms,phrase", [
+    ([[1, 0, 3, 2, 4], [0, 1, 2, 3, 4]], "perms row 0 is not the identity"),
+    ([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]], "perms rows 0 and 1 are equal: perms do not form a group"),
+    ([[0, 1, 2, 3, 4], [1, 0, 3, 2, 4], [1, 0, 3, 2, 4]], "perms rows 1 and 2 are equal"),
+    # {e, (0 1), (2 3)} misses (0 1)(2 3)
+    ([[0, 1, 2, 3, 4], [1, 0, 2, 3, 4], [0, 1, 3, 2, 4]], "perms do not form a group: row 1 composed with row 2"),
+])
+def test_perms_not_a_group(tmp_path, perms, phrase):
+    tensors, meta = make_model_arrays(perms=perms)
+    check_error(write_model(tmp_path / "group.gpff", tensors, meta), phrase)
+
+
+def test_old_expanded_layout_is_refused(tmp_path):
+    """Files written before the (M, D) layout stored M*S permuted rows: named in the error."""
+    tensors, meta = make_model_arrays()
+    for name in ("R_desc", "R_d_desc_alpha"):
+        tensors[name] = np.concatenate([tensors[name]] * len(PERMS))
+    check_error(write_model(tmp_path / "old.gpff", tensors, meta),
+                "tensor 'R_desc' has shape (8, 10), expected (M, D) = (4, 10) (it has M*S rows")
+
+
 @pytest.mark.parametrize("name", ["z", "perms", "R_desc", "R_d_desc_alpha"])
 def test_missing_tensor(tmp_path, name):
     tensors, meta = make_model_arrays()
@@ -395,12 +520,17 @@ def test_missing_tensor(tmp_path, name):
     (lambda t, m: m.update(species=["C", "C", "H", "H", "Xx"]), "'Xx' is not an element symbol"),
     (lambda t, m: m.update(species=["C", "C", "H", "O", "H"]), "does not match z[3] = 1"),
     (lambda t, m: m.update(n_atoms=6), "metadata n_atoms = 6"),
-    (lambda t, m: m.update(n_train=5), "metadata n_train = 5"),
+    (lambda t, m: m.update(n_train=5), "metadata n_train = 5 but tensor 'R_desc' has shape (4, 10)"),
+    (lambda t, m: m.update(n_train=0), "metadata n_train = 0 out of range"),
+    (lambda t, m: m.update(n_train=4.0), "metadata key 'n_train' must be an integer"),
     (lambda t, m: m.update(n_perms=1), "metadata n_perms = 1"),
-    (lambda t, m: t.update(R_desc=t["R_desc"][:, :-1].copy()), "tensor 'R_desc' has shape (8, 9)"),
-    (lambda t, m: t.update(R_desc=t["R_desc"][:-1].copy()), "tensor 'R_desc' has shape (7, 10)"),
+    (lambda t, m: t.update(R_desc=t["R_desc"][:, :-1].copy()),
+     "tensor 'R_desc' has shape (4, 9), expected (M, D) = (4, 10)"),
+    (lambda t, m: t.update(R_desc=t["R_desc"][:-1].copy()),
+     "metadata n_train = 4 but tensor 'R_desc' has shape (3, 10)"),
     (lambda t, m: t.update(R_d_desc_alpha=t["R_d_desc_alpha"][:-2].copy()),
-     "tensor 'R_d_desc_alpha' has shape (6, 10), expected (8, 10)"),
+     "tensor 'R_d_desc_alpha' has shape (2, 10), expected (M, D) = (4, 10)"),
+    (lambda t, m: t.update(R_desc=t["R_desc"][None].copy()), "tensor 'R_desc' has shape (1, 4, 10)"),
     (lambda t, m: t.update(perms=t["perms"][:, :4].copy()), "tensor 'perms' has shape (2, 4)"),
     (lambda t, m: t.update(z=t["z"].reshape(5, 1).copy()), "tensor 'z' has shape (5, 1)"),
 ])

@@ -1,10 +1,10 @@
 """LAMMPS `pair_style sgdml` (gpff plugin) against the C++ core (gpff._core).
 
-The model comes from the fixture `sgdml_model_path`: the really trained model of the session
-fixture `ethanol_model` (tests/conftest.py) when that fixture exists, otherwise a synthetic but
-valid and physically sensible `.gpff` file: expansion points placed symmetrically around the descriptor of a real
-ethanol geometry with coefficients that make that geometry a minimum (a bound molecule, so that
-MD works), plus a few random expansion points. Geometries are real ethanol frames from rMD17.
+The model is `sgdml_model_path` of tests/conftest.py (sGDML trained on rMD17 ethanol, kcal/mol).
+A second, synthetic but valid and physically sensible model in eV (`write_synthetic_sgdml`:
+expansion points placed symmetrically around the descriptor of a real ethanol geometry, with
+coefficients that make that geometry a minimum, plus a few random points) covers a model whose
+energy unit is the other one. Geometries are rMD17 ethanol frames.
 
 Requires the package installed non-editable (`pip install .`), so that the compiled plugin
 `gpff/lammps_plugin/gpffplugin.so` exists.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -24,9 +25,9 @@ import numpy as np
 import pytest
 
 import gpff.lammps as glmp
-from gpff.errors import GpffError
 
-DATA = "/work/shared/data/rmd17/rmd17_ethanol_train_01.npz"
+DATA = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "rmd17" /
+           "rmd17_ethanol_train_01.npz")
 KCALMOL_IN_EV = 0.04336410390059322    # the plugin's kcal/mol in eV (ASE default, CODATA 2014)
 MASSES = {"H": 1.008, "C": 12.011, "O": 15.999}
 SYMBOLS = {1: "H", 6: "C", 8: "O"}
@@ -84,13 +85,10 @@ def write_synthetic_sgdml(path, energy_unit="kcal/mol", sigma=1.0, h=0.2, depth=
 
 
 @pytest.fixture(scope="session")
-def sgdml_model_path(request, tmp_path_factory):
-    """Path of an ethanol sGDML model: the trained one of the session fixture `ethanol_model`
-    (tests/conftest.py) where it exists, else a synthetic one."""
-    try:
-        return str(request.getfixturevalue("ethanol_model"))
-    except pytest.FixtureLookupError:
-        return write_synthetic_sgdml(tmp_path_factory.mktemp("sgdml") / "ethanol_synthetic.gpff")
+def ev_model_path(tmp_path_factory):
+    """A synthetic ethanol model in eV (the trained `sgdml_model_path` of conftest is kcal/mol)."""
+    return write_synthetic_sgdml(tmp_path_factory.mktemp("sgdml") / "ethanol_ev.gpff",
+                                 energy_unit="eV")
 
 
 @pytest.fixture(scope="session")
@@ -198,9 +196,14 @@ def test_plugin_found():
     assert glmp.preload_mpi().endswith("libmpi.so.12")
 
 
+@pytest.mark.parametrize("model", ["sgdml_model_path", "ev_model_path"])
 @pytest.mark.parametrize("units", ["real", "metal"])
-def test_single_molecule_matches_core(core, sgdml_model_path, frames, tmp_path, units):
-    """(a, b) energy, forces, virial, per-atom energy and virial of one molecule = core."""
+def test_single_molecule_matches_core(request, frames, tmp_path, units, model):
+    """(a, b) energy, forces, virial, per-atom energy and virial of one molecule = core, for a
+    kcal/mol and an eV model in units real and metal."""
+    from gpff._core import SGDMLModel
+    sgdml_model_path = request.getfixturevalue(model)
+    core = SGDMLModel(sgdml_model_path)
     elements = type_elements(core)
     R = frames[7] + np.array([1.3, -0.4, 2.2])
     data = write_data(tmp_path / "one.data", [R], core.species, (-12.0, 12.0), elements)

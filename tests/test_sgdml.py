@@ -99,3 +99,28 @@ def test_save_is_atomic(ethanol_model, tmp_path, monkeypatch):
         ethanol_model.save(target)
     assert target.read_bytes() == b"previous model"
     assert [p.name for p in tmp_path.iterdir()] == ["m.gpff"]
+
+
+_MEMORY_PROBE = """
+import resource, sys
+import numpy as np, gpff
+train = gpff.load_dataset(sys.argv[1]).subset(np.arange(300))
+gpff.SGDML(sigma=10.0, perms=np.arange(9)[None], progress=False).fit(train)  # warm-up: imports, allocator
+base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
+gpff.SGDML(sigma=10.0, progress=False).fit(train)
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_peak_memory_is_one_kernel_matrix():
+    """Training holds one (3NM)² kernel matrix, factorised in place: peak ≤ 1.3 × the matrix."""
+    import subprocess
+    import sys
+
+    from conftest import ETHANOL_TRAIN
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(ETHANOL_TRAIN)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    base, peak = int(out[-2]), int(out[-1])
+    matrix = (27 * 300) ** 2 * 8
+    assert peak - base <= 1.3 * matrix, f"peak {peak/1e9:.2f} GB, base {base/1e9:.2f} GB"

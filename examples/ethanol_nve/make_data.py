@@ -1,6 +1,7 @@
 """Write the LAMMPS data file of the ethanol NVE example.
 
-    python make_data.py [--dataset rmd17_ethanol_train_01.npz] [--copies 2] [--box 20] [-o ethanol8.data]
+    python make_data.py [--dataset ../../data/rmd17/rmd17_ethanol_train_01.npz] [--copies 2]
+                        [--box 20] [--seed 1] [-o ethanol8.data]
 
 Places copies x copies x copies ethanol molecules (rMD17 geometries, randomly rotated) on a grid in
 a periodic cubic box, one molecule ID per molecule. Atom IDs within a molecule follow the atom order
@@ -10,6 +11,7 @@ Atom types: 1 = C, 2 = H, 3 = O (pair_coeff * * model.gpff C H O).
 """
 
 import argparse
+import os
 
 import numpy as np
 
@@ -25,8 +27,10 @@ def rotation(rng):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--dataset", default="/work/shared/data/rmd17/rmd17_ethanol_train_01.npz")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--dataset", default=os.path.join(here, "..", "..", "data", "rmd17",
+                                                      "rmd17_ethanol_train_01.npz"))
     ap.add_argument("--copies", type=int, default=2, help="molecules per box edge")
     ap.add_argument("--box", type=float, default=20.0, help="box edge, Å")
     ap.add_argument("--seed", type=int, default=1)

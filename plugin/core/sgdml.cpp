@@ -7,7 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace gpff {
 
@@ -88,12 +91,14 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
                      ") does not match z[" + std::to_string(i) + "] = " + std::to_string(z_[i]));
   }
 
-  // permutations
+  // permutations: S rows, row 0 the identity, each a permutation of 0..N-1 within elements,
+  // pairwise distinct and closed under composition (a finite group)
   const auto &pinfo = mf.tensor_info("perms");
   if (pinfo.shape.size() != 2 || pinfo.shape[1] != n || pinfo.shape[0] < 1)
     throw mf.error("tensor 'perms' has shape " + shape_string(pinfo.shape) + ", expected (S, " +
                    std::to_string(n) + ") with S >= 1");
   const int64_t s = pinfo.shape[0];
+  if (s > 100000) throw mf.error("tensor 'perms': " + std::to_string(s) + " permutations (more than 100000)");
   const auto perms = mf.i32("perms", {s, n});
   std::vector<char> seen(n_atoms_);
   for (int64_t q = 0; q < s; ++q) {
@@ -109,67 +114,120 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
                        " onto atom " + std::to_string(p) + " of another element");
     }
   }
+  for (int i = 0; i < n_atoms_; ++i)
+    if (perms[i] != i) throw mf.error("perms row 0 is not the identity");
   n_perms_ = static_cast<int>(s);
   if (mf.meta_int("n_perms") != s)
     throw mf.error("metadata n_perms = " + std::to_string(mf.meta_int("n_perms")) +
                    " but tensor 'perms' has " + std::to_string(s) + " rows");
+  {
+    // rows sorted for binary search; O(S^2 N log S), S <= a few hundred in practice
+    using Row = std::vector<int32_t>;
+    std::vector<std::pair<Row, int64_t>> rows;
+    rows.reserve(s);
+    for (int64_t q = 0; q < s; ++q) rows.emplace_back(Row(perms.begin() + q * n, perms.begin() + (q + 1) * n), q);
+    std::sort(rows.begin(), rows.end());
+    for (size_t k = 1; k < rows.size(); ++k)
+      if (rows[k].first == rows[k - 1].first)
+        throw mf.error("perms rows " + std::to_string(std::min(rows[k - 1].second, rows[k].second)) +
+                       " and " + std::to_string(std::max(rows[k - 1].second, rows[k].second)) +
+                       " are equal: perms do not form a group");
+    Row comp(n);
+    for (int64_t q = 0; q < s; ++q)
+      for (int64_t r = 0; r < s; ++r) {
+        for (int i = 0; i < n_atoms_; ++i) comp[i] = perms[q * n + perms[r * n + i]];
+        auto it = std::lower_bound(rows.begin(), rows.end(), std::make_pair(comp, int64_t(-1)));
+        if (it == rows.end() || it->first != comp)
+          throw mf.error("perms do not form a group: row " + std::to_string(q) + " composed with row " +
+                         std::to_string(r) + " is not a row");
+      }
+  }
+  // x_q[k] = x[pair_perm_[q*D + k]]: pair (a, b), a > b, of R[p_q] is pair (p_q[a], p_q[b]) of R
+  pair_perm_.resize(static_cast<size_t>(s) * n_desc_);
+  for (int64_t q = 0; q < s; ++q)
+    for (int a = 1, k = 0; a < n_atoms_; ++a)
+      for (int b = 0; b < a; ++b, ++k) {
+        int i = perms[q * n + a], j = perms[q * n + b];
+        if (i < j) std::swap(i, j);
+        pair_perm_[q * n_desc_ + k] = i * (i - 1) / 2 + j;
+      }
 
-  // expansion points
-  const auto &rinfo = mf.tensor_info("R_desc");
-  if (rinfo.shape.size() != 2 || rinfo.shape[1] != n_desc_ || rinfo.shape[0] < 1 ||
-      rinfo.shape[0] % s != 0)
-    throw mf.error("tensor 'R_desc' has shape " + shape_string(rinfo.shape) + ", expected (M*S, " +
-                   std::to_string(n_desc_) + ") with S = " + std::to_string(s));
-  const int64_t k = rinfo.shape[0];
-  if (k > (int64_t(1) << 31) - 1) throw mf.error("too many expansion points");
-  const auto x_k = mf.f64("R_desc", {k, n_desc_});
-  const auto v_k = mf.f64("R_d_desc_alpha", {k, n_desc_});
-  for (double value : x_k)
+  // training rows: (M, D) each, M = metadata n_train
+  const int64_t m = mf.meta_int("n_train");
+  if (m < 1 || m > (int64_t(1) << 31) - 1)
+    throw mf.error("metadata n_train = " + std::to_string(m) + " out of range (>= 1)");
+  for (const char *name : {"R_desc", "R_d_desc_alpha"}) {
+    const auto &info = mf.tensor_info(name);
+    if (info.shape.size() != 2 || info.shape[1] != n_desc_ || info.shape[0] != m) {
+      std::string problem = "tensor '" + std::string(name) + "' has shape " + shape_string(info.shape) +
+                            ", expected (M, D) = " + shape_string({m, n_desc_});
+      if (info.shape.size() == 2 && info.shape[1] == n_desc_ && s > 1 && info.shape[0] == m * s)
+        problem += " (it has M*S rows: the expanded layout of older files; re-save the model)";
+      else if (info.shape.size() == 2 && info.shape[1] == n_desc_)
+        problem = "metadata n_train = " + std::to_string(m) + " but " + problem;
+      throw mf.error(problem);
+    }
+  }
+  const auto x_m = mf.f64("R_desc", {m, n_desc_});
+  const auto v_m = mf.f64("R_d_desc_alpha", {m, n_desc_});
+  for (double value : x_m)
     if (!std::isfinite(value)) throw mf.error("tensor 'R_desc' contains non-finite values");
-  for (double value : v_k)
+  for (double value : v_m)
     if (!std::isfinite(value)) throw mf.error("tensor 'R_d_desc_alpha' contains non-finite values");
-  n_points_ = static_cast<int>(k);
-  n_train_ = static_cast<int>(k / s);
-  if (mf.meta_int("n_train") != n_train_)
-    throw mf.error("metadata n_train = " + std::to_string(mf.meta_int("n_train")) + " but " +
-                   std::to_string(k) + " expansion points / " + std::to_string(s) +
-                   " permutations = " + std::to_string(n_train_));
+  n_train_ = static_cast<int>(m);
 
-  // interleave into blocks (see sgdml.h)
-  const int d = n_desc_;
-  n_blocks_ = (n_points_ + BLOCK - 1) / BLOCK;
-  data_.assign(static_cast<size_t>(n_blocks_) * 2 * d * BLOCK, 0.0);
-  for (int p = 0; p < n_points_; ++p) {
-    const int b = p / BLOCK, l = p % BLOCK;
-    double *xb = data_.data() + static_cast<size_t>(2 * b) * d * BLOCK;
-    double *vb = xb + static_cast<size_t>(d) * BLOCK;
-    for (int j = 0; j < d; ++j) {
-      xb[j * BLOCK + l] = x_k[static_cast<size_t>(p) * d + j];
-      vb[j * BLOCK + l] = v_k[static_cast<size_t>(p) * d + j];
+  // interleave into blocks of BLOCK rows (see sgdml.h)
+  const size_t d = n_desc_;
+  n_blocks_ = static_cast<int>((m + BLOCK - 1) / BLOCK);
+  data_.assign(static_cast<size_t>(n_blocks_) * 2 * d, Lanes{});
+  for (int64_t row = 0; row < m; ++row) {
+    const size_t b = row / BLOCK, l = row % BLOCK;
+    Lanes *xb = data_.data() + 2 * b * d, *vb = xb + d;
+    for (size_t j = 0; j < d; ++j) {
+      xb[j].v[l] = x_m[row * d + j];
+      vb[j].v[l] = v_m[row * d + j];
     }
   }
 }
 
 // ---- the kernel sum ----------------------------------------------------------------------------
 
-/* Function multiversioning: one build runs AVX-512 / AVX2+FMA code where the CPU has it and
- * plain x86-64 code elsewhere (no -march=native needed). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 12) && \
-    defined(__GLIBC__) && !defined(GPFF_NO_MULTIVERSION)
-#define GPFF_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__GNUC__)
+#define GPFF_INLINE inline __attribute__((always_inline))
+// vector arguments of the always-inline helpers never cross an ABI boundary
+#pragma GCC diagnostic ignored "-Wpsabi"
 #else
-#define GPFF_TARGET_CLONES
+#define GPFF_INLINE inline
 #endif
 
-/* exp(-t) for t >= 0, written so that the compiler vectorises it (std::exp is a scalar libm
+/* SIMD vectors of 2, 4 and 8 doubles (GCC/Clang vector extension). The kernel below is written
+ * once over a vector type V and instantiated per ISA with V of the native width (a vector wider
+ * than the ISA's registers is lowered badly, through the stack): v8d for AVX-512, v4d for
+ * AVX2+FMA, v2d for baseline x86-64 (and other architectures). A block of BLOCK = 8 rows is
+ * 8 / W vectors of W lanes. */
+typedef double v8d __attribute__((vector_size(64), may_alias));
+typedef double v4d __attribute__((vector_size(32), may_alias));
+typedef double v2d __attribute__((vector_size(16), may_alias));
+
+template <class V>
+static GPFF_INLINE V load(const double *p)
+{
+  return *reinterpret_cast<const V *>(p);
+}
+template <class V>
+static GPFF_INLINE void store(double *p, V v)
+{
+  *reinterpret_cast<V *>(p) = v;
+}
+
+/* exp(-t) for t >= 0, branch-free so that the compiler vectorises it (std::exp is a scalar libm
  * call): Cody-Waite reduction -t = k ln2 + r, |r| <= ln2/2, exp(r) by its degree-13 Taylor
  * polynomial (truncation < 2e-17 relative), 2^k assembled in the exponent bits. Accurate to a
  * few ulp. t is clamped to 708 (exp(-708) ~ 3e-308, the smallest normal double is 2.2e-308),
  * so terms that would underflow contribute at most ~1e-307 instead of 0. */
-static inline double exp_neg(double t)
+static GPFF_INLINE double exp_neg(double t)
 {
-  const double y = -std::min(t, 708.0);
+  const double y = -(t > 708.0 ? 708.0 : t);    // a select (NaN passes through), not std::min
   const double shifter = 6755399441055744.0;    // 1.5 * 2^52: adding it rounds to an integer
   const double kf = (y * 1.4426950408889634 + shifter) - shifter;    // round(y / ln2)
   const double r = (y - kf * 6.93147180369123816490e-01) - kf * 1.90821492927058770002e-10;
@@ -188,96 +246,258 @@ static inline double exp_neg(double t)
   p = p * r + 1.0;
   p = p * r + 1.0;
   // 2^k: k + 1023 sits in the low mantissa bits of kf + shifter + 1023
-  const double biased = kf + (shifter + 1023.0);
-  uint64_t bits;
-  std::memcpy(&bits, &biased, sizeof(bits));
-  bits <<= 52;
-  double scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const uint64_t bits = __builtin_bit_cast(uint64_t, kf + (shifter + 1023.0)) << 52;
+  return p * __builtin_bit_cast(double, bits);
 }
 
-/* Sum over the K expansion points (blocks of BLOCK points, layout in sgdml.h).
- *   x:    (D) descriptor of the query geometry
- *   g:    (D) output G = dE/dx
- *   gacc: (D*BLOCK) scratch
- * Returns sum_k g(d_k) (x_k - x).v_k (the energy without c).
- * The lanes l of a block are independent, so every inner loop is a plain vector loop; BLOCK
- * lanes give enough independent FMA chains to hide their latency. */
-GPFF_TARGET_CLONES
-static double kernel_sum(const double *__restrict data, int n_blocks, int d, const double *__restrict x,
-                         double a, double *__restrict g, double *__restrict gacc)
+/* One block of BLOCK training rows (xb, vb: D x BLOCK each) against Q query orderings
+ * (xq: Q rows of D, stride d), accumulating lane-wise into gacc (Q x D x BLOCK) and energy.
+ * Pass 1 keeps its 2Q(BLOCK/W) accumulators in registers; the block is read from L1. */
+template <class V, int Q>
+static GPFF_INLINE void block_chunk(const double *__restrict xb, const double *__restrict vb,
+                                    int d, const double *__restrict xq, double *__restrict gacc,
+                                    double a, double a2_3, double a4_3, V *energy)
 {
-  constexpr int B = SGDMLModel::BLOCK;
-  const double a2_3 = a * a / 3.0, a4_3 = a * a * a * a / 3.0;
-  double energy = 0.0;
-  std::fill(gacc, gacc + static_cast<size_t>(d) * B, 0.0);
-
-  for (int b = 0; b < n_blocks; ++b) {
-    const double *__restrict xb = data + static_cast<size_t>(2 * b) * d * B;
-    const double *__restrict vb = xb + static_cast<size_t>(d) * B;
-
-    // pass 1: d_k^2 = |x - x_k|^2 and dot_k = (x - x_k).v_k for the BLOCK lanes
-    double d2[B] = {}, dot[B] = {};
-    for (int j = 0; j < d; ++j) {
-      const double xj = x[j];
-      for (int l = 0; l < B; ++l) {
-        const double diff = xj - xb[j * B + l];
-        d2[l] += diff * diff;
-        dot[l] += diff * vb[j * B + l];
+  constexpr int B = SGDMLModel::BLOCK, W = sizeof(V) / sizeof(double), H = B / W;
+  // U partial sums over j so that >= 8 independent FMA chains hide the FMA latency when Q*H
+  // is small (S = 1, 2): 2 FMA ports x 4 cycles
+  constexpr int U = (4 + Q * H - 1) / (Q * H);
+  V d2[U][Q][H], dot[U][Q][H];
+  for (int k = 0; k < U; ++k)
+    for (int t = 0; t < Q; ++t)
+      for (int h = 0; h < H; ++h) d2[k][t][h] = dot[k][t][h] = V{};
+  int j = 0;
+  for (; j + U <= d; j += U)
+    for (int k = 0; k < U; ++k)
+      for (int h = 0; h < H; ++h) {
+        const V x = load<V>(xb + (j + k) * B + h * W), v = load<V>(vb + (j + k) * B + h * W);
+        for (int t = 0; t < Q; ++t) {
+          const V u = xq[t * d + j + k] - x;
+          d2[k][t][h] += u * u;
+          dot[k][t][h] += u * v;
+        }
+      }
+  for (; j < d; ++j)
+    for (int h = 0; h < H; ++h) {
+      const V x = load<V>(xb + j * B + h * W), v = load<V>(vb + j * B + h * W);
+      for (int t = 0; t < Q; ++t) {
+        const V u = xq[t * d + j] - x;
+        d2[0][t][h] += u * u;
+        dot[0][t][h] += u * v;
       }
     }
+  for (int k = 1; k < U; ++k)
+    for (int t = 0; t < Q; ++t)
+      for (int h = 0; h < H; ++h) {
+        d2[0][t][h] += d2[k][t][h];
+        dot[0][t][h] += dot[k][t][h];
+      }
 
-    // scalars: c1_k = (a^4/3) e^{-a d} dot_k, g_k = (a^2/3)(1 + a d) e^{-a d}
-    double c1[B], gk[B], eb[B];
-    for (int l = 0; l < B; ++l) {
-      const double ad = a * std::sqrt(d2[l]);
-      const double e = exp_neg(ad);
-      gk[l] = a2_3 * (1.0 + ad) * e;
-      c1[l] = a4_3 * e * dot[l];
-      eb[l] = gk[l] * dot[l];
+  // scalars of the Q*B (ordering, row) pairs: c1 = (a^4/3) e^{-a d} dot, g = (a^2/3)(1 + a d) e^{-a d}
+  alignas(64) double sd2[Q * B], sdot[Q * B], sc1[Q * B], sg[Q * B], seg[Q * B];
+  for (int t = 0; t < Q; ++t)
+    for (int h = 0; h < H; ++h) {
+      store<V>(sd2 + t * B + h * W, d2[0][t][h]);
+      store<V>(sdot + t * B + h * W, dot[0][t][h]);
     }
-    for (int l = 0; l < B; ++l) energy -= eb[l];    // g(d_k) (x_k - x).v_k
+#pragma omp simd
+  for (int l = 0; l < Q * B; ++l) {
+    const double ad = a * std::sqrt(sd2[l]);
+    const double e = exp_neg(ad);
+    const double g = a2_3 * (1.0 + ad) * e;
+    sg[l] = g;
+    sc1[l] = a4_3 * e * sdot[l];
+    seg[l] = g * sdot[l];
+  }
+  for (int k = 0; k < Q * H; ++k) energy[k % H] -= load<V>(seg + k * W);    // g (x_m - x_q).v_m
 
-    // pass 2: G += c1_k (x - x_k) - g_k v_k, lane-wise (reduced over lanes at the end)
-    for (int j = 0; j < d; ++j) {
-      const double xj = x[j];
-      for (int l = 0; l < B; ++l)
-        gacc[j * B + l] += c1[l] * (xj - xb[j * B + l]) - gk[l] * vb[j * B + l];
+  // pass 2: G_q += c1 (x_q - x_m) - g v_m, lane-wise
+  for (int j = 0; j < d; ++j)
+    for (int h = 0; h < H; ++h) {
+      const V x = load<V>(xb + j * B + h * W), v = load<V>(vb + j * B + h * W);
+      for (int t = 0; t < Q; ++t) {
+        double *acc = gacc + (static_cast<size_t>(t) * d + j) * B + h * W;
+        const V u = xq[t * d + j] - x;
+        store<V>(acc, load<V>(acc) + load<V>(sc1 + t * B + h * W) * u -
+                          load<V>(sg + t * B + h * W) * v);
+      }
+    }
+}
+
+/* Sum over the M training rows (n_blocks blocks, layout in sgdml.h) and the S query orderings.
+ *   xq:   (S, D) descriptors of the query orderings
+ *   gq:   (S, D) output G_q = dE/dx_q
+ *   gacc: (S*D*BLOCK) scratch, 64-byte aligned
+ * Returns sum_q sum_m g(d_qm) (x_m - x_q).v_m (the energy without c).
+ * The orderings are taken in chunks of at most QMAX (pass 1 accumulators in registers); every
+ * block of rows is loaded from memory once and reused from L1 for all chunks. */
+template <class V, int QMAX>
+static GPFF_INLINE double kernel_sum_impl(const double *__restrict data, int n_blocks, int d, int s,
+                                          const double *__restrict xq, double a,
+                                          double *__restrict gq, double *__restrict gacc)
+{
+  static_assert(QMAX >= 1 && QMAX <= 6, "chunk sizes 1..6 are instantiated");
+  constexpr int B = SGDMLModel::BLOCK, W = sizeof(V) / sizeof(double), H = B / W;
+  const double a2_3 = a * a / 3.0, a4_3 = a * a * a * a / 3.0;
+  std::fill(gacc, gacc + static_cast<size_t>(s) * d * B, 0.0);
+  const int n_chunks = (s + QMAX - 1) / QMAX, base = s / n_chunks, extra = s % n_chunks;
+  V energy[H];
+  for (int h = 0; h < H; ++h) energy[h] = V{};
+
+  for (int b = 0; b < n_blocks; ++b) {
+    const double *xb = data + static_cast<size_t>(2 * b) * d * B;
+    const double *vb = xb + static_cast<size_t>(d) * B;
+    for (int c = 0, q0 = 0; c < n_chunks; ++c) {
+      const int nq = base + (c < extra ? 1 : 0);
+      const double *xc = xq + static_cast<size_t>(q0) * d;
+      double *gc = gacc + static_cast<size_t>(q0) * d * B;
+      switch (nq) {
+        case 1: block_chunk<V, 1>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+        case 2: block_chunk<V, (QMAX >= 2 ? 2 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+        case 3: block_chunk<V, (QMAX >= 3 ? 3 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+        case 4: block_chunk<V, (QMAX >= 4 ? 4 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+        case 5: block_chunk<V, (QMAX >= 5 ? 5 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+        default: block_chunk<V, QMAX>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+      }
+      q0 += nq;
     }
   }
 
-  for (int j = 0; j < d; ++j) {
-    double s = 0.0;
-    for (int l = 0; l < B; ++l) s += gacc[j * B + l];
-    g[j] = s;
+  for (size_t k = 0; k < static_cast<size_t>(s) * d; ++k) {
+    double sum = 0.0;
+    for (int l = 0; l < B; ++l) sum += gacc[k * B + l];
+    gq[k] = sum;
   }
-  return energy;
+  double e = 0.0;
+  for (int h = 0; h < H; ++h)
+    for (int l = 0; l < W; ++l) e += energy[h][l];
+  return e;
+}
+
+/* Runtime ISA dispatch (one portable build, no -march=native needed): AVX-512 (x86-64-v4:
+ * 32 zmm registers, chunks of up to 6 orderings), AVX2+FMA (x86-64-v3: 16 ymm, up to 3),
+ * baseline (SSE2 on x86-64, or the target's own 128-bit vectors elsewhere: up to 2). */
+#define GPFF_KERNEL_ARGS                                                                      \
+  const double *__restrict data, int n_blocks, int d, int s, const double *__restrict xq, \
+      double a, double *__restrict gq, double *__restrict gacc
+using KernelFn = double (*)(GPFF_KERNEL_ARGS);
+
+static double kernel_sum_base(GPFF_KERNEL_ARGS)
+{
+  return kernel_sum_impl<v2d, 2>(data, n_blocks, d, s, xq, a, gq, gacc);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(GPFF_NO_MULTIVERSION)
+#define GPFF_X86_DISPATCH 1
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512cd,avx2,fma,bmi,bmi2")))
+static double kernel_sum_avx512(GPFF_KERNEL_ARGS)
+{
+  return kernel_sum_impl<v8d, 6>(data, n_blocks, d, s, xq, a, gq, gacc);
+}
+
+__attribute__((target("avx2,fma,bmi,bmi2"))) static double kernel_sum_avx2(GPFF_KERNEL_ARGS)
+{
+  return kernel_sum_impl<v4d, 3>(data, n_blocks, d, s, xq, a, gq, gacc);
+}
+#endif
+
+static KernelFn select_kernel(const char **name)
+{
+#ifdef GPFF_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
+    *name = "avx512";
+    return kernel_sum_avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
+    *name = "avx2";
+    return kernel_sum_avx2;
+  }
+#endif
+  *name = "baseline";
+  return kernel_sum_base;
+}
+
+/* GPFF_KERNEL=baseline|avx2|avx512 in the environment forces a kernel (tests, benchmarks); an
+ * ISA the CPU lacks is ignored. */
+static KernelFn kernel_for_this_cpu(const char **chosen)
+{
+  static const char *name = nullptr;
+  static const KernelFn fn = [] {
+    const char *best_name = nullptr;
+    KernelFn best = select_kernel(&best_name);
+    name = best_name;
+    const char *want = std::getenv("GPFF_KERNEL");
+    if (!want) return best;
+    const std::string w = want;
+    if (w == "baseline") {
+      name = "baseline";
+      return static_cast<KernelFn>(kernel_sum_base);
+    }
+#ifdef GPFF_X86_DISPATCH
+    if (w == "avx2" && std::string(best_name) != "baseline") {
+      name = "avx2";
+      return static_cast<KernelFn>(kernel_sum_avx2);
+    }
+#endif
+    return best;
+  }();
+  if (chosen) *chosen = name;
+  return fn;
+}
+
+const char *SGDMLModel::kernel_isa()
+{
+  const char *name = nullptr;
+  kernel_for_this_cpu(&name);
+  return name;
 }
 
 double SGDMLModel::flops_per_call() const
 {
-  // per point and descriptor entry: pass 1 sub + 2 fma (5), pass 2 sub + mul + fma + add (5);
-  // per point ~20 for sqrt/exp/scalars (exp counted as 1), descriptor and forces negligible
-  return static_cast<double>(n_blocks_) * BLOCK * (10.0 * n_desc_ + 20.0);
+  return static_cast<double>(n_train_) * n_perms_ * (10.0 * n_desc_ + 40.0);
 }
 
 // ---- energy, forces, virial --------------------------------------------------------------------
 
+namespace {
+//! per-thread scratch of compute(): grows to the largest model evaluated on the thread
+struct Scratch {
+  std::vector<double> buf;
+  double *get(size_t n)
+  {
+    if (buf.size() < n + 8) buf.resize(n + 8);
+    // 64-byte aligned start
+    const auto addr = reinterpret_cast<uintptr_t>(buf.data());
+    return buf.data() + ((64 - addr % 64) % 64) / sizeof(double);
+  }
+};
+thread_local Scratch scratch_tls;
+}    // namespace
+
 double SGDMLModel::compute(const double *x, double *f, double *virial, double *atom_virial) const
 {
-  const int n = n_atoms_, d = n_desc_;
+  const int n = n_atoms_, d = n_desc_, s = n_perms_;
   for (int i = 0; i < 3 * n; ++i)
     if (!std::isfinite(x[i]))
       throw Error(path_ + ": non-finite position of atom " + std::to_string(i / 3));
 
-  // descriptor x_ij = 1/r_ij, pairs (i > j) row-major lower triangle; keep r_ij and 1/r^3
-  std::vector<double> scratch(static_cast<size_t>(d) * (2 + 4 + BLOCK));
-  double *desc = scratch.data();
+  // scratch: gacc (S*D*BLOCK, first: 64-byte aligned), xq, gq (S*D), desc, grad, inv_r3 (D),
+  // rvec (3D)
+  const size_t sd = static_cast<size_t>(s) * d;
+  double *gacc = scratch_tls.get(sd * BLOCK + 2 * sd + 6 * static_cast<size_t>(d));
+  double *xq = gacc + sd * BLOCK;
+  double *gq = xq + sd;
+  double *desc = gq + sd;
   double *grad = desc + d;
-  double *rvec = grad + d;        // (D, 3) r_i - r_j
-  double *inv_r3 = rvec + 3 * d;  // (D)
-  double *gacc = inv_r3 + d;      // (D*BLOCK)
+  double *inv_r3 = grad + d;
+  double *rvec = inv_r3 + d;    // (D, 3) r_i - r_j
+
+  // descriptor x_ij = 1/r_ij, pairs (i > j) row-major lower triangle; keep r_ij and 1/r^3
   for (int i = 1, p = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++p) {
       const double dx = x[3 * i] - x[3 * j], dy = x[3 * i + 1] - x[3 * j + 1],
@@ -294,8 +514,14 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
       rvec[3 * p + 2] = dz;
     }
 
+  // descriptors of the query orderings R[p_q]; kernel sum; G = sum_q P_q^T G_q
+  const int *pp = pair_perm_.data();
+  for (size_t k = 0; k < sd; ++k) xq[k] = desc[pp[k]];
   const double a = std::sqrt(5.0) / sigma_;
-  const double energy = c_ + kernel_sum(data_.data(), n_blocks_, d, desc, a, grad, gacc);
+  const double energy =
+      c_ + kernel_for_this_cpu(nullptr)(data_.data()->v, n_blocks_, d, s, xq, a, gq, gacc);
+  std::fill(grad, grad + d, 0.0);
+  for (size_t k = 0; k < sd; ++k) grad[pp[k]] += gq[k];
 
   // F_i = sum_{j != i} G_ij (r_i - r_j) / r_ij^3 ; W = sum_{i>j} G_ij r_ij (x) r_ij / r_ij^3
   std::fill(f, f + 3 * n, 0.0);
@@ -303,9 +529,9 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
   if (atom_virial) std::fill(atom_virial, atom_virial + 6 * static_cast<size_t>(n), 0.0);
   for (int i = 1, p = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++p) {
-      const double s = grad[p] * inv_r3[p];
+      const double sc = grad[p] * inv_r3[p];
       const double *r = rvec + 3 * p;
-      const double fx = s * r[0], fy = s * r[1], fz = s * r[2];
+      const double fx = sc * r[0], fy = sc * r[1], fz = sc * r[2];
       f[3 * i] += fx;
       f[3 * i + 1] += fy;
       f[3 * i + 2] += fz;

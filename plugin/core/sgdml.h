@@ -2,18 +2,24 @@
  *
  * Evaluates a trained sGDML model stored in a `.gpff` file (docs/model_file.md): one global
  * model of one molecule of N atoms, Matérn 5/2 kernel on the inverse-distance descriptor
- * x_ij = 1/r_ij (pairs i > j, row-major lower triangle, D = N(N-1)/2), with the M training
- * geometries expanded over their S permutational symmetries into K = M·S expansion points
- * (x_k, v_k) (sgdml_chapter eqs. 7.22-7.31). With a = sqrt(5)/sigma and d_k = |x - x_k|:
+ * x_ij = 1/r_ij (pairs i > j, row-major lower triangle, D = N(N-1)/2), M training rows (x_m, v_m)
+ * and S permutational symmetries p_q (a group, row 0 the identity). The S symmetric orderings of
+ * the QUERY, R_q = R[p_q], are evaluated against the M rows (sgdml_chapter eqs. 7.22-7.31). With
+ * a = sqrt(5)/sigma, x_q = x(R_q) and d_qm = |x_q - x_m|:
  *
- *   E(R) = c + sum_k g(d_k) (x_k - x).v_k ,           g(d) = (a^2/3)(1 + a d) exp(-a d)
- *   G    = dE/dx = sum_k [ (a^4/3) exp(-a d_k) ((x - x_k).v_k) (x - x_k) - g(d_k) v_k ]
+ *   E(R) = c + sum_q sum_m g(d_qm) (x_m - x_q).v_m ,      g(d) = (a^2/3)(1 + a d) exp(-a d)
+ *   G_q  = dE/dx_q = sum_m [ (a^4/3) exp(-a d_qm) ((x_q - x_m).v_m) (x_q - x_m) - g(d_qm) v_m ]
+ *   G    = dE/dx   = sum_q P_q^T G_q       (x_q is a permutation P_q x of the entries of x)
  *   F_i  = sum_{j != i} G_ij (r_i - r_j) / r_ij^3                 (= -dE/dr_i exactly)
  *   W    = sum_{i>j} G_ij (r_i - r_j) (x) (r_i - r_j) / r_ij^3   (virial, xx yy zz xy xz yz)
  *
+ * The hot loop takes the training rows in blocks of LANES rows (interleaved, one SIMD vector of
+ * rows per descriptor entry); each block is loaded once per call and used for all S query
+ * orderings, whose S x D descriptor block stays in L1, so the loop is compute-bound.
+ *
  * Units: positions Å, energy in energy_unit() ("kcal/mol" or "eV"), forces energy/Å,
  * virial energy. The model is immutable after construction; compute() is const and uses only
- * local scratch, so one model may be evaluated from many threads at once.
+ * thread-local scratch, so one model may be evaluated from many threads at once.
  */
 #ifndef GPFF_SGDML_H
 #define GPFF_SGDML_H
@@ -63,25 +69,38 @@ class SGDMLModel {
   double compute(const double *x, double *f, double *virial = nullptr,
                  double *atom_virial = nullptr) const;
 
-  //! flop count of the kernel sum of one compute() call (for benchmarks)
+  /*! Nominal flop count of the kernel sum of one compute() call (for benchmarks):
+   *  M * S * (10 D + 40): per training row, query ordering and descriptor entry 10 flops
+   *  (pass 1: u = x_q - x_m, d^2 += u*u, dot += u*v_m; pass 2: u again, G_q += c1 u - g v_m;
+   *  an FMA counts 2), plus ~40 per (row, ordering) for sqrt, exp and the scalar factors.
+   *  The descriptor, its permutations and the forces/virial (O(S D)) are not counted. */
   double flops_per_call() const;
 
-  //! expansion points per interleaved block (see data_)
-  static constexpr int BLOCK = 32;
+  /*! SIMD kernel chosen for this CPU at run time: "avx512", "avx2" or "baseline"
+   *  (GPFF_KERNEL=baseline|avx2 in the environment forces a narrower one). */
+  static const char *kernel_isa();
+
+  //! training rows per interleaved block (one 8-double SIMD vector, see data_)
+  static constexpr int BLOCK = 8;
 
  private:
+  struct alignas(64) Lanes {
+    double v[BLOCK];
+  };
   std::string path_;
-  int n_atoms_ = 0, n_desc_ = 0, n_perms_ = 0, n_train_ = 0, n_points_ = 0, n_blocks_ = 0;
+  int n_atoms_ = 0, n_desc_ = 0, n_perms_ = 0, n_train_ = 0, n_blocks_ = 0;
   std::vector<int> z_;
   std::vector<std::string> species_;
   std::string energy_unit_;
   double molecule_extent_ = 0.0, sigma_ = 0.0, c_ = 0.0;
-  /* Expansion points, interleaved in blocks of BLOCK points so that the hot loop runs over
-   * contiguous lanes with no horizontal reductions: block b holds
-   *   x_k: data_[(2b)   * D*BLOCK + j*BLOCK + l]
-   *   v_k: data_[(2b+1) * D*BLOCK + j*BLOCK + l]       for k = b*BLOCK + l, j = 0..D-1.
-   * Padding points (k >= K) have x_k = 0, v_k = 0 and contribute nothing. */
-  std::vector<double> data_;
+  /* Training rows, interleaved in blocks of BLOCK rows: block b holds
+   *   x_m[j]: data_[(2b)   * D + j].v[l]
+   *   v_m[j]: data_[(2b+1) * D + j].v[l]        for m = b*BLOCK + l, j = 0..D-1.
+   * Padding rows (m >= M) have x_m = 0, v_m = 0 and contribute exactly nothing. */
+  std::vector<Lanes> data_;
+  /* Descriptor permutations: the query ordering R_q = R[p_q] has descriptor
+   * x_q[k] = x[pair_perm_[q*D + k]] (pair (a, b) of R_q is pair (p_q[a], p_q[b]) of R). */
+  std::vector<int> pair_perm_;
 };
 
 //! atomic number of an element symbol ("H" -> 1), 0 if unknown

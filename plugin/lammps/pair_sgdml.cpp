@@ -97,7 +97,8 @@ double PairSGDML::unit_factor(const std::string &unit_style) const
 
 void PairSGDML::settings(int narg, char **arg)
 {
-  if (narg > 1) error->all(FLERR, "Illegal pair_style sgdml command: expected 'pair_style sgdml [cutoff]'");
+  if (narg > 1)
+    error->all(FLERR, "Illegal pair_style sgdml command: expected 'pair_style sgdml [cutoff]'");
   const std::string units = update->unit_style;
   if (units != "real" && units != "metal")
     error->all(FLERR,

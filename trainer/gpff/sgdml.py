@@ -93,8 +93,8 @@ def _cholesky_solve_inplace(K: torch.Tensor, y: torch.Tensor, where: str, sigma:
     """Solve K α = y by Cholesky, factorising K in place (K is destroyed).
 
     K (n, n) is symmetric, so its transpose view is the same matrix in column-major layout, which
-    LAPACK factorises without the copy torch makes of a row-major input: the peak memory stays at
-    one kernel matrix. Raises TrainingError if K is not positive definite.
+    LAPACK factorises without the copy torch makes of a row-major input; the triangular solves use
+    the factor in place too: the peak memory stays at one kernel matrix. Raises TrainingError if K is not positive definite.
     """
     Kt = K.mT
     info = torch.empty((), dtype=torch.int32, device=K.device)
@@ -102,7 +102,9 @@ def _cholesky_solve_inplace(K: torch.Tensor, y: torch.Tensor, where: str, sigma:
     if int(info) != 0:
         raise TrainingError(f"{where}: kernel matrix is not positive definite at σ = {sigma}, "
                             f"λ = {lam} (leading minor {int(info)}); increase λ (--lam)")
-    return torch.cholesky_solve(y, L)
+    # two triangular solves: torch.cholesky_solve would copy L
+    z = torch.linalg.solve_triangular(L, y, upper=False)
+    return torch.linalg.solve_triangular(L.mT, z, upper=True)
 
 
 def _check_perms(perms: np.ndarray, z: np.ndarray):

@@ -1,0 +1,69 @@
+"""The gpff command line: train sgdml, test, info; errors go to stderr with exit status 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gpff.cli import main
+
+from conftest import ETHANOL_TEST, ETHANOL_TRAIN
+
+
+def test_train_test_info(tmp_path, capsys):
+    model = tmp_path / "eth.gpff"
+    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "40",
+                 "--n-valid", "20", "--sigma-grid", "5,20", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "sgdml" and info["n_atoms"] == 9 and info["n_train"] == 40
+    assert info["species"] == ["C", "C", "O", "H", "H", "H", "H", "H", "H"]
+    assert info["units"] == {"energy": "kcal/mol", "length": "Angstrom"}
+    assert [g["sigma"] for g in info["provenance"]["sigma_grid"]] == [5.0, 20.0]
+    best = min(info["provenance"]["sigma_grid"], key=lambda g: g["force_mae"])
+    assert info["sigma"] == best["sigma"]
+    assert len(info["perms"]) == info["n_perms"]
+
+    plot = tmp_path / "parity.png"
+    assert main(["test", str(model), str(ETHANOL_TEST), "--n", "50", "--json", "--plot", str(plot)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("n_frames", "energy_mae", "energy_rmse", "force_mae", "force_rmse",
+                "energy_unit", "length_unit"):
+        assert key in res
+    assert res["n_frames"] == 50 and res["energy_unit"] == "kcal/mol"
+    assert 0 < res["force_mae"] < res["force_rmse"] < 10
+    assert plot.stat().st_size > 1000
+
+
+def test_test_uses_model_units(tmp_path, capsys, ethanol_model_path):
+    """An eV dataset is converted to the model's kcal/mol before the errors are computed."""
+    assert main(["test", ethanol_model_path, str(ETHANOL_TEST), "--n", "20", "--json"]) == 0
+    kcal = json.loads(capsys.readouterr().out)
+    assert main(["test", ethanol_model_path, str(ETHANOL_TEST), "--n", "20", "--json",
+                 "--energy-unit", "eV"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["energy_unit"] == "kcal/mol"
+    assert ev["force_mae"] != pytest.approx(kcal["force_mae"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["test", "missing.gpff", str(ETHANOL_TEST)], "missing.gpff: no such model file"),
+    (["train", "sgdml", "missing.npz", "-o", "x.gpff"], "missing.npz: no such file"),
+    (["train", "sgdml", str(ETHANOL_TRAIN), "-o", "x.gpff", "--n-train", "10",
+      "--sigma-grid", "5,10", "--n-valid", "0"], "σ grid needs validation frames"),
+])
+def test_errors_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.gpff").exists()
+
+
+def test_species_mismatch(tmp_path, capsys, ethanol_model_path):
+    with np.load(ETHANOL_TEST) as d:
+        arrays = {k: d[k][:5] if k != "nuclear_charges" else d[k][::-1] for k in
+                  ("nuclear_charges", "coords", "energies", "forces")}
+    np.savez(tmp_path / "rev.npz", **arrays)
+    assert main(["test", ethanol_model_path, str(tmp_path / "rev.npz")]) == 2
+    assert "do not match the model" in capsys.readouterr().err
