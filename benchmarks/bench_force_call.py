@@ -125,28 +125,14 @@ def read_model(path):
     return meta, tensors
 
 
-def pick_geometry(meta, args):
-    """One ethanol geometry (N, 3), Å: a frame of the model's training file (not a training
-    frame when the indices are recorded), or frame --frame of --geometry."""
+def pick_geometry(args):
+    """One geometry (N, 3), Å: frame --frame of --geometry (default: the first rMD17 ethanol
+    test frame, never trained on)."""
     import gpff
 
-    prov = meta.get("provenance", {})
-    if args.geometry:
-        path = pathlib.Path(args.geometry)
-    else:
-        name = prov.get("train_file")
-        if not name:
-            sys.exit("the model has no provenance.train_file: pass --geometry DATASET")
-        candidates = [ROOT / "data" / "rmd17" / name, ROOT / "data" / name, pathlib.Path(name)]
-        path = next((p for p in candidates if p.exists()), None)
-        if path is None:
-            sys.exit(f"training file {name} not found in data/rmd17: pass --geometry DATASET")
+    path = pathlib.Path(args.geometry)
     ds = gpff.load_dataset(path)
-    frame = args.frame
-    if frame is None:
-        used = set(prov.get("train_indices") or []) if not args.geometry else set()
-        frame = next(i for i in range(ds.n_frames) if i not in used)
-    return np.ascontiguousarray(ds.R[frame], dtype=np.float64), f"{path.name}[{frame}]"
+    return np.ascontiguousarray(ds.R[args.frame], dtype=np.float64), f"{path.name}[{args.frame}]"
 
 
 def time_core(core, r, repeats, min_time, warmup):
@@ -178,8 +164,9 @@ def main(argv=None):
     ap.add_argument("--sgdml-python", default=os.environ.get("GPFF_SGDML_PYTHON",
                                                              str(ROOT / ".venv-sgdml" / "bin" / "python")),
                     help="interpreter with sgdml 1.0.3 (default .venv-sgdml/bin/python)")
-    ap.add_argument("--geometry", default=None, help="dataset to take the geometry from")
-    ap.add_argument("--frame", type=int, default=None, help="frame index in that dataset")
+    ap.add_argument("--geometry", default=str(ROOT / "data" / "rmd17" / "rmd17_ethanol_test_01.npz"),
+                    help="dataset to take the geometry from")
+    ap.add_argument("--frame", type=int, default=0, help="frame index in that dataset")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats (>= 5; median reported)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per timed repeat")
     ap.add_argument("--warmup", type=int, default=20)
@@ -203,7 +190,7 @@ def main(argv=None):
     if m != int(meta["n_train"]):
         sys.exit(f"{args.model}: R_desc has {m} rows but n_train = {meta['n_train']} "
                  "(an old expanded-layout file? re-save it)")
-    r, where = pick_geometry(meta, args)
+    r, where = pick_geometry(args)
 
     core = _core.SGDMLModel(args.model)
     flops = core.flops_per_call

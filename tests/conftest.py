@@ -14,6 +14,20 @@ ETHANOL_TRAIN = DATA / "rmd17_ethanol_train_01.npz"
 ETHANOL_TEST = DATA / "rmd17_ethanol_test_01.npz"
 
 
+def finite_difference_forces(energy, R, h=1e-4):
+    """-dE/dR of `energy` (a function of positions (N, 3)) by the 4th-order central stencil."""
+    F = np.zeros_like(R)
+    for a in range(R.shape[0]):
+        for c in range(3):
+            e = []
+            for step in (-2, -1, 1, 2):
+                Rs = R.copy()
+                Rs[a, c] += step * h
+                e.append(energy(Rs))
+            F[a, c] = -(e[0] - 8 * e[1] + 8 * e[2] - e[3]) / (12 * h)
+    return F
+
+
 @pytest.fixture(scope="session")
 def ethanol_train():
     return gpff.load_dataset(ETHANOL_TRAIN)

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from gpff import _core
+
+from conftest import finite_difference_forces
 from gpff.errors import ModelFileError, SpeciesError
 
 SPECIES = ["C", "C", "H", "H", "O"]
@@ -121,18 +123,11 @@ def test_pathlike(model_file):
 
 def test_forces_are_minus_energy_gradient(model):
     rng = np.random.default_rng(1)
-    h = 1e-5
     for _ in range(3):
         r = geometry(rng)
         e, f, _ = model.compute(r)
         assert f.shape == (5, 3) and np.isfinite(e)
-        f_fd = np.zeros_like(f)
-        for i in range(5):
-            for c in range(3):
-                rp, rm = r.copy(), r.copy()
-                rp[i, c] += h
-                rm[i, c] -= h
-                f_fd[i, c] = -(model.compute(rp)[0] - model.compute(rm)[0]) / (2 * h)
+        f_fd = finite_difference_forces(lambda x: model.compute(x)[0], r)
         assert np.max(np.abs(f_fd - f)) <= 1e-6 * np.max(np.abs(f))
 
 
@@ -204,17 +199,10 @@ def test_symmetric_model_invariant_under_its_permutations(s3_model):
 def test_symmetric_model_finite_difference_forces(s3_model):
     model, _, _ = s3_model
     rng = np.random.default_rng(23)
-    h = 1e-5
     for _ in range(3):
         r = geometry(rng, 6)
         e, f, _ = model.compute(r)
-        f_fd = np.zeros_like(f)
-        for i in range(6):
-            for c in range(3):
-                rp, rm = r.copy(), r.copy()
-                rp[i, c] += h
-                rm[i, c] -= h
-                f_fd[i, c] = -(model.compute(rp)[0] - model.compute(rm)[0]) / (2 * h)
+        f_fd = finite_difference_forces(lambda x: model.compute(x)[0], r)
         assert np.max(np.abs(f_fd - f)) <= 1e-6 * np.max(np.abs(f))
 
 

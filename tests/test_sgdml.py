@@ -7,25 +7,13 @@ from scipy.spatial.transform import Rotation
 import gpff
 from gpff.sgdml import SGDML
 
-
-def central_difference_forces(model, R, h=1e-4):
-    """-dE/dR by the 4th-order central difference stencil."""
-    F = np.zeros_like(R)
-    for a in range(R.shape[0]):
-        for c in range(3):
-            e = []
-            for step in (-2, -1, 1, 2):
-                Rs = R.copy()
-                Rs[a, c] += step * h
-                e.append(model.predict(Rs)[0])
-            F[a, c] = -(e[0] - 8 * e[1] + 8 * e[2] - e[3]) / (12 * h)
-    return F
+from conftest import finite_difference_forces
 
 
 def test_forces_are_minus_energy_gradient(ethanol_model, ethanol_test):
     for R in ethanol_test.R[:3]:
         _, F = ethanol_model.predict(R)
-        fd = central_difference_forces(ethanol_model, R)
+        fd = finite_difference_forces(lambda r: ethanol_model.predict(r)[0], R)
         assert np.abs(fd - F).max() / np.abs(F).max() < 1e-6
 
 
@@ -124,3 +112,14 @@ def test_peak_memory_is_one_kernel_matrix():
     base, peak = int(out[-2]), int(out[-1])
     matrix = (27 * 300) ** 2 * 8
     assert peak - base <= 1.3 * matrix, f"peak {peak/1e9:.2f} GB, base {base/1e9:.2f} GB"
+
+
+def test_saved_file_has_the_usual_mode(ethanol_model, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        ethanol_model.save(tmp_path / "m.gpff")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "m.gpff").stat().st_mode & 0o777 == 0o644

@@ -171,6 +171,8 @@ class SGDML:
         y = torch.as_tensor(train.F, dtype=torch.float64, device=self.device).reshape(-1, 1)
 
         K = assemble_kernel(R, perms, self.sigma, self.lam, self.block, self.progress)
+        if self.progress:
+            tqdm.write(f"Cholesky solve of the {K.shape[0]}x{K.shape[0]} kernel matrix")
         alpha = _cholesky_solve_inplace(K, y, train.path, self.sigma, self.lam).reshape(R.shape)
         del K
 
