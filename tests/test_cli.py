@@ -67,3 +67,17 @@ def test_species_mismatch(tmp_path, capsys, ethanol_model_path):
     np.savez(tmp_path / "rev.npz", **arrays)
     assert main(["test", ethanol_model_path, str(tmp_path / "rev.npz")]) == 2
     assert "do not match the model" in capsys.readouterr().err
+
+
+def test_validation_file(tmp_path, capsys):
+    """--valid draws the validation frames from another file; σ is chosen on them."""
+    with np.load(ETHANOL_TRAIN) as d:
+        np.savez(tmp_path / "valid.npz", **{k: d[k][900:] if k != "nuclear_charges" else d[k]
+                                            for k in ("nuclear_charges", "coords", "energies", "forces")})
+    model = tmp_path / "m.gpff"
+    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "30",
+                 "--valid", str(tmp_path / "valid.npz"), "--n-valid", "40",
+                 "--sigma-grid", "3,10", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["validation"]["n_frames"] == 40 and summary["validation"]["file"] == "valid.npz"
+    assert summary["sigma"] in (3.0, 10.0)

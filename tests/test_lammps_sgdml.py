@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 
 import gpff.lammps as glmp
+from gpff.drift import energy_drift, log_drift
+from gpff.errors import GpffError
 
 DATA = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "rmd17" /
            "rmd17_ethanol_train_01.npz")
@@ -291,7 +293,7 @@ def test_nve_energy_conservation(core, sgdml_model_path, frames, tmp_path):
     temp = lmp.get_thermo("temp")
     lmp.close()
     etot = np.array(etot)
-    slope = np.polyfit(t, etot, 1)[0]
+    slope = energy_drift(t, etot)
     assert np.all(np.isfinite(etot)) and 0.0 < temp < 2000.0
     assert abs(slope) <= 0.01, f"drift {slope:.4g} kcal/mol/ps"
     assert np.ptp(etot) < 0.5, f"total energy fluctuates by {np.ptp(etot):.3g} kcal/mol"
@@ -442,11 +444,20 @@ def test_example_ethanol_nve(sgdml_model_path, tmp_path):
     """examples/ethanol_nve/in.ethanol runs (8 molecules, periodic) with the `lmp` launcher."""
     lmp_exe = _launcher("lmp")
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "ethanol_nve")
-    if not os.path.isfile(os.path.join(example, "in.ethanol")):
-        pytest.skip("examples/ethanol_nve not available")
     cmd = [lmp_exe, "-in", "in.ethanol", "-var", "model", sgdml_model_path, "-var", "steps", "50",
            "-log", str(tmp_path / "log.lammps"), "-nocite"]
     proc = subprocess.run(cmd, cwd=example, capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Loop time of" in out and "72 atoms" in out
+    drift = log_drift(tmp_path / "log.lammps")                  # what the main job reports
+    assert drift["n_samples"] == 2 and drift["energy_unit"] == "kcal/mol"
+    assert drift["duration_ps"] == pytest.approx(0.025)
+    assert np.isfinite(drift["drift"]) and drift["fluctuation"] >= 0.0
+
+
+def test_log_drift_reports_lammps_errors(tmp_path):
+    log = tmp_path / "log.lammps"
+    log.write_text("units real\nERROR: pair_style sgdml: molecule 3: atom tag 7 not found\n")
+    with pytest.raises(GpffError, match="log.lammps: LAMMPS reported an error: ERROR: pair_style"):
+        log_drift(log)
