@@ -30,6 +30,9 @@ cdef extern from "sgdml.h" nogil:
         int n_perms()
         int n_train()
         double sigma()
+        const string &kernel()
+        double descriptor_exponent()
+        bint has_energy_coefficients()
         double integration_constant()
         const string &path()
         double flops_per_call()
@@ -164,8 +167,24 @@ cdef class SGDMLModel:
 
     @property
     def sigma(self) -> float:
-        """Kernel length scale sigma (descriptor units, 1/Å)."""
+        """Kernel length scale sigma (descriptor units, Å^-p)."""
         return self._model.sigma()
+
+    @property
+    def kernel(self) -> str:
+        """Kernel of the descriptor distance: "matern52" or "rbf"."""
+        return _text(self._model.kernel())
+
+    @property
+    def descriptor_exponent(self) -> float:
+        """p of the inverse-distance descriptor x_ij = 1/r_ij^p (1 when the file omits it)."""
+        return self._model.descriptor_exponent()
+
+    @property
+    def has_energy_coefficients(self) -> bool:
+        """Whether the model has energy coefficients beta_m (tensor alpha_E: trained with
+        energies); without them beta = 0."""
+        return self._model.has_energy_coefficients()
 
     @property
     def integration_constant(self) -> float:

@@ -43,14 +43,17 @@ def inv_dist(r):
     return 1.0 / np.linalg.norm(r[i] - r[j], axis=-1)
 
 
-def make_model_arrays(seed=0, n_train=4, species=SPECIES, perms=PERMS, sigma=0.7):
+def make_model_arrays(seed=0, n_train=4, species=SPECIES, perms=PERMS, sigma=0.7, kernel="matern52",
+                      p=None, beta=False):
     """Tensors and metadata of a valid sGDML model: M = n_train rows x_m (descriptors of random
-    geometries) and v_m (random), (M, D) each; perms (S, N) a group (docs/model_file.md)."""
+    geometries, 1/r^p) and v_m (random), (M, D) each; perms (S, N) a group; with `beta` random
+    energy coefficients alpha_E (M,); `p` None leaves descriptor_exponent out of the metadata
+    (docs/model_file.md)."""
     rng = np.random.default_rng(seed)
     n = len(species)
     x_m, v_m = [], []
     for _ in range(n_train):
-        x_m.append(inv_dist(geometry(rng, n)))
+        x_m.append(inv_dist(geometry(rng, n)) ** (1.0 if p is None else p))
         v_m.append(rng.normal(size=n * (n - 1) // 2))
     tensors = {
         "z": np.array([{"C": 6, "H": 1, "O": 8, "N": 7}[s] for s in species], dtype=np.int32),
@@ -58,28 +61,64 @@ def make_model_arrays(seed=0, n_train=4, species=SPECIES, perms=PERMS, sigma=0.7
         "R_desc": np.array(x_m, dtype=np.float64),
         "R_d_desc_alpha": np.array(v_m, dtype=np.float64),
     }
+    if beta:
+        tensors["alpha_E"] = rng.normal(size=n_train)
     meta = {
         "format_version": 1, "model": "sgdml", "gpff_version": "0.1.0",
         "units": {"energy": "kcal/mol", "length": "Angstrom"},
-        "species": list(species), "n_atoms": n, "kernel": "matern52",
+        "species": list(species), "n_atoms": n, "kernel": kernel,
         "descriptor": "inverse_distance", "sigma": sigma, "lam": 1e-10,
         "integration_constant": -97.5, "n_train": n_train, "n_perms": len(perms),
         "molecule_extent": 3.2, "provenance": {"dataset": "synthetic"},
     }
+    if p is not None:
+        meta["descriptor_exponent"] = p
     return tensors, meta
 
 
-def reference_energy(r, tensors, meta):
-    """The contract's prediction (docs/model_file.md) in numpy: E = c + sum_q E0(R[p_q])."""
-    a = np.sqrt(5.0) / meta["sigma"]
+def kernel_k_k1_k2(meta, d):
+    """k(d), k1(d) = k'(d)/d, k2(d) = (k''(d) - k'(d)/d)/d^2 of the model's kernel (the table in
+    docs/model_file.md, "Prediction")."""
+    sigma = meta["sigma"]
+    if meta["kernel"] == "matern52":
+        a = np.sqrt(5.0) / sigma
+        e = np.exp(-a * d)
+        return ((1.0 + a * d + (a * d) ** 2 / 3.0) * e, -(a * a / 3.0) * (1.0 + a * d) * e,
+                (a ** 4 / 3.0) * e)
+    assert meta["kernel"] == "rbf"
+    k = np.exp(-d * d / (2.0 * sigma * sigma))
+    return k, -k / sigma ** 2, k / sigma ** 4
+
+
+def reference(r, tensors, meta):
+    """The contract's prediction (docs/model_file.md) in numpy, written from the document's
+    formulas: E = c + sum_q E0(R[p_q]), F_{p_q[a]} = sum_q F0_a(R[p_q]). Returns (E, F)."""
+    p = meta.get("descriptor_exponent", 1.0)
     x_m, v_m = tensors["R_desc"], tensors["R_d_desc_alpha"]
+    beta = tensors.get("alpha_E", np.zeros(len(x_m)))
     energy = meta["integration_constant"]
-    for p in tensors["perms"]:
-        u = inv_dist(r[p]) - x_m                                   # x_q - x_m, (M, D)
+    forces = np.zeros_like(r)
+    i, j = np.tril_indices(len(r), -1)
+    for perm in tensors["perms"]:
+        rq = r[perm]
+        rij = rq[i] - rq[j]
+        dist = np.linalg.norm(rij, axis=-1)
+        u = dist ** -p - x_m                                       # x_q - x_m, (M, D)
         d = np.linalg.norm(u, axis=1)
-        g = (a * a / 3.0) * (1.0 + a * d) * np.exp(-a * d)
-        energy += np.sum(g * np.einsum("md,md->m", -u, v_m))
-    return energy
+        k, k1, k2 = kernel_k_k1_k2(meta, d)
+        uv = np.einsum("md,md->m", u, v_m)
+        energy += np.sum(beta * k + k1 * uv)
+        g = ((k2 * uv)[:, None] * u + k1[:, None] * (v_m + beta[:, None] * u)).sum(axis=0)
+        fpair = (g * p / dist ** (p + 2))[:, None] * rij           # (D, 3) on atom i, minus on j
+        f0 = np.zeros_like(r)
+        np.add.at(f0, i, fpair)
+        np.add.at(f0, j, -fpair)
+        forces[perm] += f0
+    return energy, forces
+
+
+def reference_energy(r, tensors, meta):
+    return reference(r, tensors, meta)[0]
 
 
 def write_model(path, tensors, meta):

@@ -47,8 +47,14 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
 
   const std::string kind = mf.model_kind();
   if (kind != "sgdml") throw mf.error("model kind '" + kind + "' is not 'sgdml'");
-  const std::string kernel = mf.meta_string("kernel");
-  if (kernel != "matern52") throw mf.error("kernel '" + kernel + "' is not supported (only 'matern52')");
+  kernel_name_ = mf.meta_string("kernel");
+  if (kernel_name_ == "matern52")
+    kernel_kind_ = 0;
+  else if (kernel_name_ == "rbf")
+    kernel_kind_ = 1;
+  else
+    throw mf.error("unsupported kernel '" + kernel_name_ +
+                   "' (the C++ core evaluates matern52 and rbf)");
   const std::string descriptor = mf.meta_string("descriptor");
   if (descriptor != "inverse_distance")
     throw mf.error("descriptor '" + descriptor + "' is not supported (only 'inverse_distance')");
@@ -59,6 +65,13 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
   const std::string length_unit = mf.meta_object_string("units", "length");
   if (length_unit != "Angstrom")
     throw mf.error("length unit '" + length_unit + "' is not supported (only 'Angstrom')");
+
+  if (mf.has_key("descriptor_exponent")) {
+    desc_exp_ = mf.meta_double("descriptor_exponent");    // a number, finite
+    if (!(desc_exp_ > 0.0))
+      throw mf.error("descriptor_exponent must be > 0, got " + std::to_string(desc_exp_));
+  }
+  desc_exp_kind_ = desc_exp_ == 1.0 ? 1 : desc_exp_ == 2.0 ? 2 : 0;
 
   sigma_ = mf.meta_double("sigma");
   if (!(sigma_ > 0.0)) throw mf.error("sigma must be > 0, got " + std::to_string(sigma_));
@@ -174,6 +187,12 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
     if (!std::isfinite(value)) throw mf.error("tensor 'R_desc' contains non-finite values");
   for (double value : v_m)
     if (!std::isfinite(value)) throw mf.error("tensor 'R_d_desc_alpha' contains non-finite values");
+  std::vector<double> beta;
+  if (mf.has_tensor("alpha_E")) {
+    beta = mf.f64("alpha_E", {m});
+    for (double value : beta)
+      if (!std::isfinite(value)) throw mf.error("tensor 'alpha_E' contains non-finite values");
+  }
   n_train_ = static_cast<int>(m);
 
   // interleave into blocks of BLOCK rows (see sgdml.h)
@@ -187,6 +206,10 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
       xb[j].v[l] = x_m[row * d + j];
       vb[j].v[l] = v_m[row * d + j];
     }
+  }
+  if (!beta.empty()) {
+    beta_.assign(static_cast<size_t>(n_blocks_), Lanes{});
+    for (int64_t row = 0; row < m; ++row) beta_[row / BLOCK].v[row % BLOCK] = beta[row];
   }
 }
 
@@ -250,13 +273,23 @@ static GPFF_INLINE double exp_neg(double t)
   return p * __builtin_bit_cast(double, bits);
 }
 
-/* One block of BLOCK training rows (xb, vb: D x BLOCK each) against Q query orderings
- * (xq: Q rows of D, stride d), accumulating lane-wise into gacc (Q x D x BLOCK) and energy.
- * Pass 1 keeps its 2Q(BLOCK/W) accumulators in registers; the block is read from L1. */
-template <class V, int Q>
+/* Parameters of the kernel functions (see kernel_params()):
+ *   matern52: a = sqrt(5)/sigma, c1 = a^2/3,  c2 = a^4/3
+ *   rbf:      a = 1/(2 sigma^2), c1 = 1/sigma^2, c2 = 1/sigma^4 */
+struct KParams {
+  double a, c1, c2;
+};
+enum { MATERN52 = 0, RBF = 1 };
+
+/* One block of BLOCK training rows (xb, vb: D x BLOCK each; betab: BLOCK energy coefficients if
+ * BETA) against Q query orderings (xq: Q rows of D, stride d), accumulating lane-wise into gacc
+ * (Q x D x BLOCK) and energy. Pass 1 keeps its 2Q(BLOCK/W) accumulators in registers; the block
+ * is read from L1. */
+template <class V, int Q, int KIND, bool BETA>
 static GPFF_INLINE void block_chunk(const double *__restrict xb, const double *__restrict vb,
-                                    int d, const double *__restrict xq, double *__restrict gacc,
-                                    double a, double a2_3, double a4_3, V *energy)
+                                    const double *__restrict betab, int d,
+                                    const double *__restrict xq, double *__restrict gacc,
+                                    const KParams kp, V *energy)
 {
   constexpr int B = SGDMLModel::BLOCK, W = sizeof(V) / sizeof(double), H = B / W;
   // U partial sums over j so that >= 8 independent FMA chains hide the FMA latency when Q*H
@@ -293,52 +326,71 @@ static GPFF_INLINE void block_chunk(const double *__restrict xb, const double *_
         dot[0][t][h] += dot[k][t][h];
       }
 
-  // scalars of the Q*B (ordering, row) pairs: c1 = (a^4/3) e^{-a d} dot, g = (a^2/3)(1 + a d) e^{-a d}
-  alignas(64) double sd2[Q * B], sdot[Q * B], sc1[Q * B], sg[Q * B], seg[Q * B];
+  // scalars of the Q*B (ordering, row) pairs, dot = u.v_m:
+  //   sv = k1,  su = k2 dot (+ k1 beta),  se = k1 dot (+ beta k)
+  alignas(64) double sd2[Q * B], sdot[Q * B], su[Q * B], sv[Q * B], se[Q * B];
+  alignas(64) double sbeta[BETA ? Q * B : 1];
   for (int t = 0; t < Q; ++t)
     for (int h = 0; h < H; ++h) {
       store<V>(sd2 + t * B + h * W, d2[0][t][h]);
       store<V>(sdot + t * B + h * W, dot[0][t][h]);
+      if constexpr (BETA) store<V>(sbeta + t * B + h * W, load<V>(betab + h * W));
     }
 #pragma omp simd
   for (int l = 0; l < Q * B; ++l) {
-    const double ad = a * std::sqrt(sd2[l]);
-    const double e = exp_neg(ad);
-    const double g = a2_3 * (1.0 + ad) * e;
-    sg[l] = g;
-    sc1[l] = a4_3 * e * sdot[l];
-    seg[l] = g * sdot[l];
+    double k1, k2, kk = 0.0;
+    if constexpr (KIND == MATERN52) {
+      const double ad = kp.a * std::sqrt(sd2[l]);
+      const double e = exp_neg(ad);
+      k1 = -kp.c1 * (1.0 + ad) * e;
+      k2 = kp.c2 * e;
+      if constexpr (BETA) kk = (1.0 + ad + ad * ad * (1.0 / 3.0)) * e;
+    } else {
+      const double e = exp_neg(kp.a * sd2[l]);
+      k1 = -kp.c1 * e;
+      k2 = kp.c2 * e;
+      kk = e;
+    }
+    sv[l] = k1;
+    if constexpr (BETA) {
+      su[l] = k2 * sdot[l] + k1 * sbeta[l];
+      se[l] = k1 * sdot[l] + sbeta[l] * kk;
+    } else {
+      su[l] = k2 * sdot[l];
+      se[l] = k1 * sdot[l];
+    }
   }
-  for (int k = 0; k < Q * H; ++k) energy[k % H] -= load<V>(seg + k * W);    // g (x_m - x_q).v_m
+  for (int k = 0; k < Q * H; ++k) energy[k % H] += load<V>(se + k * W);
 
-  // pass 2: G_q += c1 (x_q - x_m) - g v_m, lane-wise
+  // pass 2: G_q += su (x_q - x_m) + sv v_m, lane-wise
   for (int j = 0; j < d; ++j)
     for (int h = 0; h < H; ++h) {
       const V x = load<V>(xb + j * B + h * W), v = load<V>(vb + j * B + h * W);
       for (int t = 0; t < Q; ++t) {
         double *acc = gacc + (static_cast<size_t>(t) * d + j) * B + h * W;
         const V u = xq[t * d + j] - x;
-        store<V>(acc, load<V>(acc) + load<V>(sc1 + t * B + h * W) * u -
-                          load<V>(sg + t * B + h * W) * v);
+        store<V>(acc, load<V>(acc) + load<V>(su + t * B + h * W) * u +
+                          load<V>(sv + t * B + h * W) * v);
       }
     }
 }
 
 /* Sum over the M training rows (n_blocks blocks, layout in sgdml.h) and the S query orderings.
+ *   beta: (n_blocks*BLOCK) energy coefficients, read only if BETA
  *   xq:   (S, D) descriptors of the query orderings
  *   gq:   (S, D) output G_q = dE/dx_q
  *   gacc: (S*D*BLOCK) scratch, 64-byte aligned
- * Returns sum_q sum_m g(d_qm) (x_m - x_q).v_m (the energy without c).
+ * Returns sum_q sum_m [beta_m k(d_qm) + k1(d_qm) (x_q - x_m).v_m] (the energy without c).
  * The orderings are taken in chunks of at most QMAX (pass 1 accumulators in registers); every
  * block of rows is loaded from memory once and reused from L1 for all chunks. */
-template <class V, int QMAX>
-static GPFF_INLINE double kernel_sum_impl(const double *__restrict data, int n_blocks, int d, int s,
-                                          const double *__restrict xq, double a,
+template <class V, int QMAX, int KIND, bool BETA>
+static GPFF_INLINE double kernel_sum_impl(const double *__restrict data,
+                                          const double *__restrict beta, int n_blocks, int d,
+                                          int s, const double *__restrict xq, const KParams kp,
                                           double *__restrict gq, double *__restrict gacc)
 {
   static_assert(QMAX >= 1 && QMAX <= 6, "chunk sizes 1..6 are instantiated");
   constexpr int B = SGDMLModel::BLOCK, W = sizeof(V) / sizeof(double), H = B / W;
-  const double a2_3 = a * a / 3.0, a4_3 = a * a * a * a / 3.0;
   std::fill(gacc, gacc + static_cast<size_t>(s) * d * B, 0.0);
   const int n_chunks = (s + QMAX - 1) / QMAX, base = s / n_chunks, extra = s % n_chunks;
   V energy[H];
@@ -347,18 +399,21 @@ static GPFF_INLINE double kernel_sum_impl(const double *__restrict data, int n_b
   for (int b = 0; b < n_blocks; ++b) {
     const double *xb = data + static_cast<size_t>(2 * b) * d * B;
     const double *vb = xb + static_cast<size_t>(d) * B;
+    const double *bb = BETA ? beta + static_cast<size_t>(b) * B : nullptr;
     for (int c = 0, q0 = 0; c < n_chunks; ++c) {
       const int nq = base + (c < extra ? 1 : 0);
       const double *xc = xq + static_cast<size_t>(q0) * d;
       double *gc = gacc + static_cast<size_t>(q0) * d * B;
+#define GPFF_CHUNK(Q) block_chunk<V, (QMAX >= Q ? Q : 1), KIND, BETA>(xb, vb, bb, d, xc, gc, kp, energy)
       switch (nq) {
-        case 1: block_chunk<V, 1>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
-        case 2: block_chunk<V, (QMAX >= 2 ? 2 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
-        case 3: block_chunk<V, (QMAX >= 3 ? 3 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
-        case 4: block_chunk<V, (QMAX >= 4 ? 4 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
-        case 5: block_chunk<V, (QMAX >= 5 ? 5 : 1)>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
-        default: block_chunk<V, QMAX>(xb, vb, d, xc, gc, a, a2_3, a4_3, energy); break;
+        case 1: GPFF_CHUNK(1); break;
+        case 2: GPFF_CHUNK(2); break;
+        case 3: GPFF_CHUNK(3); break;
+        case 4: GPFF_CHUNK(4); break;
+        case 5: GPFF_CHUNK(5); break;
+        default: block_chunk<V, QMAX, KIND, BETA>(xb, vb, bb, d, xc, gc, kp, energy); break;
       }
+#undef GPFF_CHUNK
       q0 += nq;
     }
   }
@@ -376,32 +431,50 @@ static GPFF_INLINE double kernel_sum_impl(const double *__restrict data, int n_b
 
 /* Runtime ISA dispatch (one portable build, no -march=native needed): AVX-512 (x86-64-v4:
  * 32 zmm registers, chunks of up to 6 orderings), AVX2+FMA (x86-64-v3: 16 ymm, up to 3),
- * baseline (SSE2 on x86-64, or the target's own 128-bit vectors elsewhere: up to 2). */
-#define GPFF_KERNEL_ARGS                                                                      \
-  const double *__restrict data, int n_blocks, int d, int s, const double *__restrict xq, \
-      double a, double *__restrict gq, double *__restrict gacc
+ * baseline (SSE2 on x86-64, or the target's own 128-bit vectors elsewhere: up to 2).
+ * Each ISA has one instantiation per kernel and with/without the beta term. */
+#define GPFF_KERNEL_ARGS                                                                    \
+  const double *__restrict data, const double *__restrict beta, int n_blocks, int d, int s, \
+      const double *__restrict xq, const KParams kp, double *__restrict gq,                \
+      double *__restrict gacc
+#define GPFF_KERNEL_PASS data, beta, n_blocks, d, s, xq, kp, gq, gacc
 using KernelFn = double (*)(GPFF_KERNEL_ARGS);
 
+//! the kernel-sum functions of one ISA, indexed [kernel kind][has beta]
+struct KernelTable {
+  KernelFn fn[2][2];
+};
+
+template <int KIND, bool BETA>
 static double kernel_sum_base(GPFF_KERNEL_ARGS)
 {
-  return kernel_sum_impl<v2d, 2>(data, n_blocks, d, s, xq, a, gq, gacc);
+  return kernel_sum_impl<v2d, 2, KIND, BETA>(GPFF_KERNEL_PASS);
 }
+static const KernelTable TABLE_BASE = {{{kernel_sum_base<MATERN52, false>, kernel_sum_base<MATERN52, true>},
+                                        {kernel_sum_base<RBF, false>, kernel_sum_base<RBF, true>}}};
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(GPFF_NO_MULTIVERSION)
 #define GPFF_X86_DISPATCH 1
+template <int KIND, bool BETA>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512cd,avx2,fma,bmi,bmi2")))
 static double kernel_sum_avx512(GPFF_KERNEL_ARGS)
 {
-  return kernel_sum_impl<v8d, 6>(data, n_blocks, d, s, xq, a, gq, gacc);
+  return kernel_sum_impl<v8d, 6, KIND, BETA>(GPFF_KERNEL_PASS);
 }
+static const KernelTable TABLE_AVX512 = {
+    {{kernel_sum_avx512<MATERN52, false>, kernel_sum_avx512<MATERN52, true>},
+     {kernel_sum_avx512<RBF, false>, kernel_sum_avx512<RBF, true>}}};
 
+template <int KIND, bool BETA>
 __attribute__((target("avx2,fma,bmi,bmi2"))) static double kernel_sum_avx2(GPFF_KERNEL_ARGS)
 {
-  return kernel_sum_impl<v4d, 3>(data, n_blocks, d, s, xq, a, gq, gacc);
+  return kernel_sum_impl<v4d, 3, KIND, BETA>(GPFF_KERNEL_PASS);
 }
+static const KernelTable TABLE_AVX2 = {{{kernel_sum_avx2<MATERN52, false>, kernel_sum_avx2<MATERN52, true>},
+                                        {kernel_sum_avx2<RBF, false>, kernel_sum_avx2<RBF, true>}}};
 #endif
 
-static KernelFn select_kernel(const char **name)
+static const KernelTable *select_kernel(const char **name)
 {
 #ifdef GPFF_X86_DISPATCH
   __builtin_cpu_init();
@@ -410,44 +483,44 @@ static KernelFn select_kernel(const char **name)
       __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
     *name = "avx512";
-    return kernel_sum_avx512;
+    return &TABLE_AVX512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
     *name = "avx2";
-    return kernel_sum_avx2;
+    return &TABLE_AVX2;
   }
 #endif
   *name = "baseline";
-  return kernel_sum_base;
+  return &TABLE_BASE;
 }
 
 /* GPFF_KERNEL=baseline|avx2|avx512 in the environment forces a kernel (tests, benchmarks); an
  * ISA the CPU lacks is ignored. */
-static KernelFn kernel_for_this_cpu(const char **chosen)
+static const KernelTable *kernel_for_this_cpu(const char **chosen)
 {
   static const char *name = nullptr;
-  static const KernelFn fn = [] {
+  static const KernelTable *const table = [] {
     const char *best_name = nullptr;
-    KernelFn best = select_kernel(&best_name);
+    const KernelTable *best = select_kernel(&best_name);
     name = best_name;
     const char *want = std::getenv("GPFF_KERNEL");
     if (!want) return best;
     const std::string w = want;
     if (w == "baseline") {
       name = "baseline";
-      return static_cast<KernelFn>(kernel_sum_base);
+      return &TABLE_BASE;
     }
 #ifdef GPFF_X86_DISPATCH
     if (w == "avx2" && std::string(best_name) != "baseline") {
       name = "avx2";
-      return static_cast<KernelFn>(kernel_sum_avx2);
+      return &TABLE_AVX2;
     }
 #endif
     return best;
   }();
   if (chosen) *chosen = name;
-  return fn;
+  return table;
 }
 
 const char *SGDMLModel::kernel_isa()
@@ -486,7 +559,7 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
     if (!std::isfinite(x[i]))
       throw Error(path_ + ": non-finite position of atom " + std::to_string(i / 3));
 
-  // scratch: gacc (S*D*BLOCK, first: 64-byte aligned), xq, gq (S*D), desc, grad, inv_r3 (D),
+  // scratch: gacc (S*D*BLOCK, first: 64-byte aligned), xq, gq (S*D), desc, grad, jac (D),
   // rvec (3D)
   const size_t sd = static_cast<size_t>(s) * d;
   double *gacc = scratch_tls.get(sd * BLOCK + 2 * sd + 6 * static_cast<size_t>(d));
@@ -494,10 +567,13 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
   double *gq = xq + sd;
   double *desc = gq + sd;
   double *grad = desc + d;
-  double *inv_r3 = grad + d;
-  double *rvec = inv_r3 + d;    // (D, 3) r_i - r_j
+  double *jac = grad + d;       // p / r_ij^{p+2}: F_i = sum_j G_ij jac_ij (r_i - r_j)
+  double *rvec = jac + d;       // (D, 3) r_i - r_j
 
-  // descriptor x_ij = 1/r_ij, pairs (i > j) row-major lower triangle; keep r_ij and 1/r^3
+  // descriptor x_ij = 1/r_ij^p, pairs (i > j) row-major lower triangle; keep r_i - r_j and
+  // the Jacobian factor p/r^{p+2} (p == 1: 1/r, 1/r^3; p == 2: 1/r^2, 2/r^4; else std::pow)
+  const int pk = desc_exp_kind_;
+  const double pexp = desc_exp_;
   for (int i = 1, p = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++p) {
       const double dx = x[3 * i] - x[3 * j], dy = x[3 * i + 1] - x[3 * j + 1],
@@ -506,9 +582,19 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
       if (!(r2 > 0.0))
         throw Error(path_ + ": atoms " + std::to_string(i) + " and " + std::to_string(j) +
                     " coincide (r_ij = 0)");
-      const double r = std::sqrt(r2);
-      desc[p] = 1.0 / r;
-      inv_r3[p] = 1.0 / (r2 * r);
+      if (pk == 1) {
+        const double r = std::sqrt(r2);
+        desc[p] = 1.0 / r;
+        jac[p] = 1.0 / (r2 * r);
+      } else if (pk == 2) {
+        const double inv_r2 = 1.0 / r2;
+        desc[p] = inv_r2;
+        jac[p] = 2.0 * inv_r2 * inv_r2;
+      } else {
+        const double xp = std::pow(r2, -0.5 * pexp);    // r^-p
+        desc[p] = xp;
+        jac[p] = pexp * xp / r2;
+      }
       rvec[3 * p] = dx;
       rvec[3 * p + 1] = dy;
       rvec[3 * p + 2] = dz;
@@ -517,19 +603,30 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
   // descriptors of the query orderings R[p_q]; kernel sum; G = sum_q P_q^T G_q
   const int *pp = pair_perm_.data();
   for (size_t k = 0; k < sd; ++k) xq[k] = desc[pp[k]];
-  const double a = std::sqrt(5.0) / sigma_;
+  KParams kp;
+  if (kernel_kind_ == 0) {
+    kp.a = std::sqrt(5.0) / sigma_;
+    kp.c1 = kp.a * kp.a / 3.0;
+    kp.c2 = kp.a * kp.a * kp.a * kp.a / 3.0;
+  } else {
+    kp.a = 0.5 / (sigma_ * sigma_);
+    kp.c1 = 1.0 / (sigma_ * sigma_);
+    kp.c2 = kp.c1 * kp.c1;
+  }
+  const bool has_beta = !beta_.empty();
+  const KernelFn fn = kernel_for_this_cpu(nullptr)->fn[kernel_kind_][has_beta ? 1 : 0];
   const double energy =
-      c_ + kernel_for_this_cpu(nullptr)(data_.data()->v, n_blocks_, d, s, xq, a, gq, gacc);
+      c_ + fn(data_.data()->v, has_beta ? beta_.data()->v : nullptr, n_blocks_, d, s, xq, kp, gq, gacc);
   std::fill(grad, grad + d, 0.0);
   for (size_t k = 0; k < sd; ++k) grad[pp[k]] += gq[k];
 
-  // F_i = sum_{j != i} G_ij (r_i - r_j) / r_ij^3 ; W = sum_{i>j} G_ij r_ij (x) r_ij / r_ij^3
+  // F_i = sum_{j != i} G_ij jac_ij (r_i - r_j) ; W = sum_{i>j} G_ij jac_ij r_ij (x) r_ij
   std::fill(f, f + 3 * n, 0.0);
   double w[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   if (atom_virial) std::fill(atom_virial, atom_virial + 6 * static_cast<size_t>(n), 0.0);
   for (int i = 1, p = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++p) {
-      const double sc = grad[p] * inv_r3[p];
+      const double sc = grad[p] * jac[p];
       const double *r = rvec + 3 * p;
       const double fx = sc * r[0], fy = sc * r[1], fz = sc * r[2];
       f[3 * i] += fx;

@@ -1,21 +1,27 @@
 /* gpff C++ inference core: symmetric gradient-domain machine learning (sGDML) model.
  *
- * Evaluates a trained sGDML model stored in a `.gpff` file (docs/model_file.md): one global
- * model of one molecule of N atoms, Matérn 5/2 kernel on the inverse-distance descriptor
- * x_ij = 1/r_ij (pairs i > j, row-major lower triangle, D = N(N-1)/2), M training rows (x_m, v_m)
- * and S permutational symmetries p_q (a group, row 0 the identity). The S symmetric orderings of
- * the QUERY, R_q = R[p_q], are evaluated against the M rows (sgdml_chapter eqs. 7.22-7.31). With
- * a = sqrt(5)/sigma, x_q = x(R_q) and d_qm = |x_q - x_m|:
+ * Evaluates a trained sGDML model stored in a `.gpff` file (docs/model_file.md, "Prediction"):
+ * one global model of one molecule of N atoms, kernel k(d) (Matérn 5/2 or RBF) of the
+ * descriptor distance, descriptor x_ij = 1/r_ij^p (pairs i > j, row-major lower triangle,
+ * D = N(N-1)/2, p = descriptor_exponent, default 1), M training rows (x_m, v_m, optional energy
+ * coefficient beta_m) and S permutational symmetries p_q (a group, row 0 the identity). The S
+ * symmetric orderings of the QUERY, R_q = R[p_q], are evaluated against the M rows. With
+ * u = x_q - x_m, d = |u|, k1(d) = k'(d)/d, k2(d) = (k''(d) - k'(d)/d)/d^2:
  *
- *   E(R) = c + sum_q sum_m g(d_qm) (x_m - x_q).v_m ,      g(d) = (a^2/3)(1 + a d) exp(-a d)
- *   G_q  = dE/dx_q = sum_m [ (a^4/3) exp(-a d_qm) ((x_q - x_m).v_m) (x_q - x_m) - g(d_qm) v_m ]
+ *   E(R) = c + sum_q sum_m [ beta_m k(d) + k1(d) u.v_m ]
+ *   G_q  = dE/dx_q = sum_m [ (k2(d) u.v_m + k1(d) beta_m) u + k1(d) v_m ]
  *   G    = dE/dx   = sum_q P_q^T G_q       (x_q is a permutation P_q x of the entries of x)
- *   F_i  = sum_{j != i} G_ij (r_i - r_j) / r_ij^3                 (= -dE/dr_i exactly)
- *   W    = sum_{i>j} G_ij (r_i - r_j) (x) (r_i - r_j) / r_ij^3   (virial, xx yy zz xy xz yz)
+ *   F_i  = sum_{j != i} G_ij p (r_i - r_j) / r_ij^{p+2}               (= -dE/dr_i exactly)
+ *   W    = sum_{i>j} G_ij p (r_i - r_j) (x) (r_i - r_j) / r_ij^{p+2}  (virial, xx yy zz xy xz yz)
  *
- * The hot loop takes the training rows in blocks of LANES rows (interleaved, one SIMD vector of
+ *   matern52 (a = sqrt(5)/sigma): k = (1 + a d + a^2 d^2/3) e^{-a d},
+ *                                 k1 = -(a^2/3)(1 + a d) e^{-a d},  k2 = (a^4/3) e^{-a d}
+ *   rbf:                          k = e^{-d^2/(2 sigma^2)}, k1 = -k/sigma^2, k2 = k/sigma^4
+ *
+ * The hot loop takes the training rows in blocks of BLOCK rows (interleaved, one SIMD vector of
  * rows per descriptor entry); each block is loaded once per call and used for all S query
- * orderings, whose S x D descriptor block stays in L1, so the loop is compute-bound.
+ * orderings, whose S x D descriptor block stays in L1, so the loop is compute-bound. It is
+ * instantiated per kernel and with/without the beta term (a force-only model pays nothing for it).
  *
  * Units: positions Å, energy in energy_unit() ("kcal/mol" or "eV"), forces energy/Å,
  * virial energy. The model is immutable after construction; compute() is const and uses only
@@ -47,8 +53,14 @@ class SGDMLModel {
   double molecule_extent() const { return molecule_extent_; }
   int n_perms() const { return n_perms_; }
   int n_train() const { return n_train_; }
-  //! kernel length scale sigma (descriptor units, 1/Å)
+  //! kernel length scale sigma (descriptor units, Å^-p)
   double sigma() const { return sigma_; }
+  //! "matern52" or "rbf"
+  const std::string &kernel() const { return kernel_name_; }
+  //! p of the descriptor x_ij = 1/r_ij^p (1 unless the file says otherwise)
+  double descriptor_exponent() const { return desc_exp_; }
+  //! whether the file has energy coefficients beta_m (tensor alpha_E)
+  bool has_energy_coefficients() const { return !beta_.empty(); }
   //! integration constant c (energy_unit())
   double integration_constant() const { return c_; }
   const std::string &path() const { return path_; }
@@ -69,7 +81,8 @@ class SGDMLModel {
   double compute(const double *x, double *f, double *virial = nullptr,
                  double *atom_virial = nullptr) const;
 
-  /*! Nominal flop count of the kernel sum of one compute() call (for benchmarks):
+  /*! Nominal flop count of the kernel sum of one compute() call (for benchmarks; the same
+   *  count for both kernels and with or without the beta term):
    *  M * S * (10 D + 40): per training row, query ordering and descriptor entry 10 flops
    *  (pass 1: u = x_q - x_m, d^2 += u*u, dot += u*v_m; pass 2: u again, G_q += c1 u - g v_m;
    *  an FMA counts 2), plus ~40 per (row, ordering) for sqrt, exp and the scalar factors.
@@ -93,11 +106,17 @@ class SGDMLModel {
   std::vector<std::string> species_;
   std::string energy_unit_;
   double molecule_extent_ = 0.0, sigma_ = 0.0, c_ = 0.0;
+  std::string kernel_name_;
+  int kernel_kind_ = 0;       // 0 matern52, 1 rbf
+  double desc_exp_ = 1.0;     // descriptor exponent p
+  int desc_exp_kind_ = 1;     // 1: p == 1, 2: p == 2, 0: any other p (std::pow)
   /* Training rows, interleaved in blocks of BLOCK rows: block b holds
    *   x_m[j]: data_[(2b)   * D + j].v[l]
    *   v_m[j]: data_[(2b+1) * D + j].v[l]        for m = b*BLOCK + l, j = 0..D-1.
-   * Padding rows (m >= M) have x_m = 0, v_m = 0 and contribute exactly nothing. */
+   * Padding rows (m >= M) have x_m = 0, v_m = 0 (and beta_m = 0) and contribute exactly nothing. */
   std::vector<Lanes> data_;
+  //! energy coefficients beta_m, beta_[b].v[l] for m = b*BLOCK + l; empty when the file has none
+  std::vector<Lanes> beta_;
   /* Descriptor permutations: the query ordering R_q = R[p_q] has descriptor
    * x_q[k] = x[pair_perm_[q*D + k]] (pair (a, b) of R_q is pair (p_q[a], p_q[b]) of R). */
   std::vector<int> pair_perm_;

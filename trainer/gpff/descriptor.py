@@ -1,7 +1,8 @@
 """The inverse-distance descriptor of sGDML and its Jacobian (sgdml_chapter eq. 7.22).
 
 Pairs are ordered as the row-major lower triangle: (i, j) with i > j, i = 1..N-1, j = 0..i-1
-(``torch.tril_indices(N, N, -1)``), D = N(N-1)/2; x_ij = 1 / ||r_i - r_j||.
+(``torch.tril_indices(N, N, -1)``), D = N(N-1)/2; x_ij = 1 / ||r_i - r_j||^p (p = 1 in sGDML;
+the exponent is a hyperparameter in papers/ad_kernels.txt SI §D).
 """
 
 from __future__ import annotations
@@ -15,28 +16,30 @@ def pair_indices(n_atoms: int, device=None) -> tuple[torch.Tensor, torch.Tensor]
     return ij[0], ij[1]
 
 
-def inverse_distance(R: torch.Tensor) -> torch.Tensor:
-    """Inverse-distance descriptor x (..., D) of positions R (..., N, 3) in Å (x in 1/Å)."""
+def inverse_distance(R: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """Inverse-distance descriptor x (..., D) of positions R (..., N, 3) in Å (x in Å^-p)."""
     i, j = pair_indices(R.shape[-2], R.device)
-    return 1.0 / torch.linalg.vector_norm(R[..., i, :] - R[..., j, :], dim=-1)
+    return torch.linalg.vector_norm(R[..., i, :] - R[..., j, :], dim=-1) ** (-p)
 
 
-def inverse_distance_jacobian(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_distance_jacobian(R: torch.Tensor, p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Descriptor and its Jacobian.
 
     Args:
         R: (..., N, 3) positions, Å.
+        p: exponent of x_ij = r_ij^-p.
     Returns:
-        x: (..., D) descriptor, 1/Å.
-        J: (..., D, 3N) with J[p, 3a + c] = dx_p / dR[a, c] (1/Å²).
+        x: (..., D) descriptor, Å^-p.
+        J: (..., D, 3N) with J[q, 3a + c] = dx_q / dR[a, c] (Å^-p-1).
     """
     n = R.shape[-2]
     i, j = pair_indices(n, R.device)
     diff = R[..., i, :] - R[..., j, :]                       # (..., D, 3)
-    inv = 1.0 / torch.linalg.vector_norm(diff, dim=-1)        # (..., D)
-    g = diff * (inv ** 3).unsqueeze(-1)                        # d x_ij / d r_j  = +diff / r^3
+    r = torch.linalg.vector_norm(diff, dim=-1)                # (..., D)
+    x = r ** (-p)
+    g = diff * (p * x / (r * r)).unsqueeze(-1)               # d x_ij / d r_j = +p diff / r^(p+2)
     J = R.new_zeros(R.shape[:-2] + (i.numel(), n, 3))
-    p = torch.arange(i.numel(), device=R.device)
-    J[..., p, i, :] = -g
-    J[..., p, j, :] = g
-    return inv, J.reshape(R.shape[:-2] + (i.numel(), 3 * n))
+    q = torch.arange(i.numel(), device=R.device)
+    J[..., q, i, :] = -g
+    J[..., q, j, :] = g
+    return x, J.reshape(R.shape[:-2] + (i.numel(), 3 * n))

@@ -48,7 +48,8 @@ def save_sgdml(model, path) -> None:
         "format_version": FORMAT_VERSION, "model": "sgdml", "gpff_version": _version(),
         "units": {"energy": model.energy_unit, "length": "Angstrom"},
         "species": [chemical_symbols[int(a)] for a in model.z], "n_atoms": int(model.n_atoms),
-        "kernel": "matern52", "descriptor": "inverse_distance", "sigma": model.sigma,
+        "kernel": model.kernel, "descriptor": "inverse_distance",
+        "descriptor_exponent": model.p, "sigma": model.sigma,
         "lam": model.lam, "integration_constant": model.integration_constant,
         "n_train": int(model.n_train), "n_perms": int(len(model.perms)),
         "molecule_extent": model.molecule_extent, "provenance": model.provenance,
@@ -59,6 +60,8 @@ def save_sgdml(model, path) -> None:
         "R_desc": np.ascontiguousarray(model.R_desc, dtype=np.float64),
         "R_d_desc_alpha": np.ascontiguousarray(model.R_d_desc_alpha, dtype=np.float64),
     }
+    if model.alpha_E is not None:
+        tensors["alpha_E"] = np.ascontiguousarray(model.alpha_E, dtype=np.float64)
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"gpff": json.dumps(meta)}))
 
 
@@ -116,12 +119,18 @@ def load_sgdml(path, meta, tensors):
             or xk.shape[1] != d or vk.shape != xk.shape):
         raise ModelFileError(f"{path}: inconsistent tensor shapes (z {z.shape}, perms {perms.shape}, "
                              f"R_desc {xk.shape}, R_d_desc_alpha {vk.shape}) for {n} atoms")
-    if not (np.all(np.isfinite(xk)) and np.all(np.isfinite(vk))):
+    beta = tensors.get("alpha_E")
+    if beta is not None and beta.shape != (xk.shape[0],):
+        raise ModelFileError(f"{path}: alpha_E has shape {beta.shape}, expected ({xk.shape[0]},)")
+    if not all(np.all(np.isfinite(t)) for t in (xk, vk) + (() if beta is None else (beta,))):
         raise ModelFileError(f"{path}: model tensors contain NaN or inf")
     try:
-        model = SGDML(sigma=meta["sigma"], lam=meta["lam"], perms=perms, progress=False)
+        model = SGDML(sigma=meta["sigma"], lam=meta["lam"], perms=perms,
+                      kernel=meta.get("kernel", "matern52"),
+                      p=meta.get("descriptor_exponent", 1.0), progress=False)
     except ValueError as err:
         raise ModelFileError(f"{path}: {err}") from None
+    model.alpha_E = beta
     model.z = z.astype(np.int32)
     model.R_desc, model.R_d_desc_alpha = xk, vk
     model.integration_constant = float(meta["integration_constant"])

@@ -1,22 +1,18 @@
 """sGDML: symmetric gradient-domain machine learning of one molecule (exact GP, torch).
 
 Sources (papers/sgdml_chapter.txt): inverse-distance descriptor (eq. 7.22), Hessian (force-force)
-kernel of a Matérn 5/2 kernel on the descriptor (eqs. 7.23-7.26), integration constant,
-symmetric kernel summed over the permutational symmetries (eqs. 7.28-7.31).
+kernel of a kernel on the descriptor (eqs. 7.23-7.26), integration constant, symmetric kernel
+summed over the permutational symmetries (eqs. 7.28-7.31); energy-constraint variant (joint GP of
+energies and forces); papers/md22_iterative_solver.txt for the iterative solver. The kernel algebra
+lives in gpff.sgdml_kernel, the solvers in gpff.solvers.
 
-Notation (see docs/model_file.md): M training geometries of N atoms, D = N(N-1)/2, S symmetries,
-a = sqrt(5)/σ. For training geometries R_m with forces F_m the coefficients α solve
-
-    (K + λ I) α = F,   K[m, n] = Σ_q J_m^T H(x_m, x(P_q R_n)) J(P_q R_n) Π_q    (3NM x 3NM)
-    H(x, x') = ∇_x ∇_x'^T k = (a²/3) e^{-a d} [(1 + a d) I - a² u u^T],  u = x - x', d = |u|
-
-and the energy / force predictor uses early contraction v_k = J(P_q R_m) Π_q α_m (one D-vector per
-expansion point k = (m, q)), so a prediction costs O(M S D), not O(M S D N).
+Notation (see docs/model_file.md): M training geometries of N atoms, D = N(N-1)/2, S symmetries.
+A trained model stores x_m (M, D), v_m = J_m α_m (M, D), the energy coefficients β_m (M,) when
+trained with energies, and the integration constant c.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -25,67 +21,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset
-from .descriptor import inverse_distance, inverse_distance_jacobian, pair_indices
+from .descriptor import inverse_distance_jacobian, pair_indices
 from .errors import DatasetError, SpeciesError, TrainingError
+from .kernels import get_kernel
+from .sgdml_kernel import TrainingKernel, evaluate
 from .symmetry import find_permutations
 
-
-def _matern_coefficients(d: torch.Tensor, sigma: float):
-    """c1 = (a²/3)(1 + a d) e^{-a d} and c2 = (a⁴/3) e^{-a d} of the Matérn 5/2 Hessian kernel."""
-    a = math.sqrt(5.0) / sigma
-    e = torch.exp(-a * d)
-    return (a * a / 3.0) * (1.0 + a * d) * e, (a ** 4 / 3.0) * e
+SOLVERS = ("auto", "cholesky", "cg")
 
 
-class _Expansion:
-    """Training geometries expanded over the symmetries: descriptors and Jacobians of P_q R_m.
-
-    x: (M, S, D); JP: (M, S, D, 3N) = J(P_q R_m) Π_q (columns back in the original atom labels).
-    """
-
-    def __init__(self, R: torch.Tensor, perms: torch.Tensor):
-        m, n = R.shape[:2]
-        s = perms.shape[0]
-        Rp = R[:, perms]                                            # (M, S, N, 3): atom a <- p[a]
-        x, J = inverse_distance_jacobian(Rp)                        # (M,S,D), (M,S,D,3N)
-        inv = torch.argsort(perms, dim=1)                           # p^{-1}
-        cols = (3 * inv[:, :, None] + torch.arange(3, device=R.device)).reshape(s, 3 * n)
-        self.x = x
-        self.JP = torch.gather(J, 3, cols[None, :, None, :].expand_as(J))
-
-
-def _kernel_rows(xr: torch.Tensor, Jr: torch.Tensor, ex: _Expansion, sigma: float) -> torch.Tensor:
-    """Rows of the symmetric Hessian kernel between geometries (xr, Jr) and the training set.
-
-    xr: (B, D), Jr: (B, D, 3N). Returns (B, 3N, M, 3N).
-    """
-    U = xr[:, None, None, :] - ex.x[None]                           # (B, M, S, D)
-    c1, c2 = _matern_coefficients(torch.linalg.vector_norm(U, dim=-1), sigma)
-    rows = torch.einsum("bdk,bmdl->bkml", Jr, torch.einsum("bms,msdl->bmdl", c1, ex.JP))
-    A = torch.einsum("bdk,bmsd->bmsk", Jr, U)
-    Bv = torch.einsum("msdl,bmsd->bmsl", ex.JP, U)
-    rows -= torch.einsum("bms,bmsk,bmsl->bkml", c2, A, Bv)
-    return rows
-
-
-def assemble_kernel(R: torch.Tensor, perms: torch.Tensor, sigma: float, lam: float,
-                    block: int = 8, progress: bool = True) -> torch.Tensor:
-    """K + λI for training geometries R (M, N, 3), assembled block-row by block-row in place.
-
-    Returns a (3NM, 3NM) float64 tensor; peak extra memory is one block of rows.
-    """
-    ex = _Expansion(R, perms)
-    m, n = R.shape[:2]
-    dim = 3 * n * m
-    K = torch.empty((dim, dim), dtype=R.dtype, device=R.device)
-    x0, J0 = ex.x[:, 0], ex.JP[:, 0]                                # identity is perms[0]
-    for start in tqdm(range(0, m, block), desc=f"kernel {dim}x{dim}", disable=not progress,
-                      leave=False):
-        stop = min(start + block, m)
-        K[3 * n * start:3 * n * stop] = _kernel_rows(x0[start:stop], J0[start:stop], ex,
-                                                      sigma).reshape(-1, dim)
-    K.diagonal().add_(lam)
-    return K
+def _default_memory_bytes(device: torch.device) -> int:
+    """80 % of the device's memory (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[1])
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _cholesky_solve_inplace(K: torch.Tensor, y: torch.Tensor, where: str, sigma: float,
@@ -120,46 +69,83 @@ class SGDML:
     """Symmetric GDML force field of one molecule (exact GP).
 
     Args:
-        sigma: length scale σ of the Matérn 5/2 kernel on the inverse-distance descriptor (1/Å).
+        sigma: length scale σ of the kernel on the inverse-distance descriptor (Å^-p).
         lam: regularisation λ added to the kernel diagonal.
         use_sym: recover permutational symmetries (False: plain GDML).
         perms: (S, N) symmetries to use instead of recovering them (identity first).
+        kernel: "matern52" (default) or "rbf" (gpff.kernels).
+        p: descriptor exponent, x_ij = 1/r_ij^p (default 1).
+        use_energies: train on energies too (joint energy/force GP, energy-constraint variant);
+            without it energies only fix the integration constant.
+        solver: "cholesky" (exact, dense K in place), "cg" (Nyström-preconditioned conjugate
+            gradient, K never stored; gpff.solvers) or "auto" (Cholesky when it fits `max_memory`).
+        max_memory: memory budget in GB for the solve (default 80 % of the device's memory).
+        tol: relative residual at which CG stops.
+        checkpoint: file where CG saves α every few minutes; resume: continue from it.
         device: torch device for training and prediction ("cpu", "cuda").
         block: training geometries per block of kernel rows.
         progress: show progress bars.
 
-    After :meth:`fit`: ``z`` (N,), ``perms`` (S, N), ``R_desc`` and ``R_d_desc_alpha`` (M·S, D),
-    ``integration_constant`` (energy unit), ``energy_unit``, ``molecule_extent`` (Å),
-    ``provenance`` (dict).
+    After :meth:`fit`: ``z`` (N,), ``perms`` (S, N), ``R_desc`` and ``R_d_desc_alpha`` (M, D),
+    ``alpha_E`` (M,) or None, ``integration_constant`` (energy unit), ``energy_unit``,
+    ``molecule_extent`` (Å), ``provenance`` (dict, including the solver's report).
     """
 
     kind = "sgdml"
 
     def __init__(self, sigma: float = 10.0, lam: float = 1e-10, use_sym: bool = True,
-                 perms=None, device: str = "cpu", block: int = 8, progress: bool = True):
+                 perms=None, kernel: str = "matern52", p: float = 1.0, use_energies: bool = False,
+                 solver: str = "auto", max_memory: float | None = None, tol: float = 1e-6,
+                 checkpoint=None, resume: bool = False, device: str = "cpu", block: int = 8,
+                 progress: bool = True):
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         if not lam >= 0:
             raise ValueError(f"lam must be non-negative, got {lam}")
+        if not p > 0:
+            raise ValueError(f"descriptor exponent p must be positive, got {p}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if max_memory is not None and not max_memory > 0:
+            raise ValueError(f"max_memory must be positive (GB), got {max_memory}")
+        self.kernel_fn = get_kernel(kernel)
+        self.kernel = kernel
         self.sigma = float(sigma)
         self.lam = float(lam)
+        self.p = float(p)
         self.use_sym = bool(use_sym)
+        self.use_energies = bool(use_energies)
         self.perms = None if perms is None else np.asarray(perms, dtype=np.int32)
+        self.solver = solver
+        self.max_memory = max_memory
+        self.tol = float(tol)
+        self.checkpoint = checkpoint
+        self.resume = bool(resume)
         self.device = torch.device(device)
         self.block = int(block)
         self.progress = progress
         self.z = None
+        self.alpha_E = None
         self.provenance: dict = {}
 
     # ---------------------------------------------------------------- training
+    def _choose_solver(self, op: TrainingKernel, budget: int) -> str:
+        """Cholesky when the dense kernel and the workspace fit the budget, else CG."""
+        if self.solver != "auto":
+            return self.solver
+        return "cholesky" if 8 * op.n ** 2 + op.workspace_bytes() <= budget else "cg"
+
     def fit(self, train: Dataset) -> "SGDML":
-        """Train on the geometries and forces of `train` (energies, if present, fix the constant).
+        """Train on the geometries and forces (and energies) of `train`.
 
         Raises:
-            DatasetError: no frames, or forces missing.
-            TrainingError: the kernel matrix is not positive definite (raise λ).
+            DatasetError: energies requested but missing.
+            TrainingError: the kernel matrix is not positive definite (raise λ), CG did not
+            converge, or the dense kernel does not fit the memory budget with solver="cholesky".
         """
         train.validate()
+        if self.use_energies and train.E is None:
+            raise DatasetError(f"{train.path}: use_energies needs energies, the dataset has none")
         t0 = time.perf_counter()
         z = np.asarray(train.z)
         if self.perms is None:
@@ -168,30 +154,53 @@ class SGDML:
         _check_perms(self.perms, z)
         R = torch.as_tensor(train.R, dtype=torch.float64, device=self.device)
         perms = torch.as_tensor(self.perms, dtype=torch.long, device=self.device)
+        op = TrainingKernel(R, perms, self.kernel_fn, self.sigma, self.p, self.lam,
+                            self.use_energies, self.block)
         y = torch.as_tensor(train.F, dtype=torch.float64, device=self.device).reshape(-1, 1)
+        c = 0.0
+        if self.use_energies:
+            c = float(np.mean(train.E))                              # prior mean of the energy
+            y = torch.cat([y, torch.as_tensor(train.E - c, device=self.device)[:, None]])
+        budget = (int(self.max_memory * 1e9) if self.max_memory is not None
+                  else _default_memory_bytes(self.device))
+        solver = self._choose_solver(op, budget)
+        info = {"solver": solver, "n": op.n}
+        if solver == "cholesky":
+            if 8 * op.n ** 2 + op.workspace_bytes() > budget:
+                raise TrainingError(
+                    f"{train.path}: the {op.n}x{op.n} kernel matrix needs "
+                    f"{(8 * op.n ** 2 + op.workspace_bytes()) / 1e9:.1f} GB, over the "
+                    f"{budget / 1e9:.1f} GB budget: use --solver cg or auto")
+            K = op.assemble(self.progress)
+            if self.progress:
+                tqdm.write(f"Cholesky solve of the {op.n}x{op.n} kernel matrix")
+            a = _cholesky_solve_inplace(K, y, train.path, self.sigma, self.lam)
+            del K
+        else:
+            from .solvers import solve
 
-        K = assemble_kernel(R, perms, self.sigma, self.lam, self.block, self.progress)
-        if self.progress:
-            tqdm.write(f"Cholesky solve of the {K.shape[0]}x{K.shape[0]} kernel matrix")
-        alpha = _cholesky_solve_inplace(K, y, train.path, self.sigma, self.lam).reshape(R.shape)
-        del K
-
-        x, J = inverse_distance_jacobian(R)                           # (M, D), (M, D, 3N)
-        v = torch.einsum("mdl,ml->md", J, alpha.reshape(len(R), -1))  # v_m = J_m α_m
+            a, cg_info = solve(op, y, tol=self.tol, max_memory_bytes=budget - op.workspace_bytes(),
+                               checkpoint=self.checkpoint, resume=self.resume,
+                               progress=self.progress)
+            info.update(cg_info)
+        alpha = a[:op.nf].reshape(R.shape)
+        x, J = inverse_distance_jacobian(R, self.p)                  # (M, D), (M, D, 3N)
         self.z = z.astype(np.int32)
         self.R_desc = x.cpu().numpy()
-        self.R_d_desc_alpha = v.cpu().numpy()
+        self.R_d_desc_alpha = torch.einsum("mdl,ml->md", J, alpha.reshape(len(R), -1)).cpu().numpy()
+        self.alpha_E = a[op.nf:, 0].cpu().numpy() if self.use_energies else None
         self.energy_unit = train.energy_unit
-        self.integration_constant = 0.0
+        self.integration_constant = c
         if train.E is not None:
             e0, _ = self.predict(train.R)
-            self.integration_constant = float(np.mean(train.E - e0))  # least squares for c
+            self.integration_constant = c + float(np.mean(train.E - e0))   # least squares for c
         i, j = pair_indices(len(z))
         self.molecule_extent = float(np.linalg.norm(train.R[:, i] - train.R[:, j], axis=-1).max())
         self.provenance.update({
             "train_file": os.path.basename(train.path), "train_sha256": train.sha256,
             "train_indices": None if train.indices is None else train.indices.tolist(),
             "n_train": int(len(R)), "n_perms": int(len(self.perms)),
+            "use_energies": self.use_energies, "solver": _jsonable(info),
             "train_seconds": round(time.perf_counter() - t0, 2),
         })
         return self
@@ -226,24 +235,14 @@ class SGDML:
                                f"{self.n_atoms}-atom model, got {R.shape}")
         if not np.all(np.isfinite(Rb)):
             raise DatasetError("positions contain NaN or inf")
-        xm = torch.as_tensor(self.R_desc, device=self.device)
-        vm = torch.as_tensor(self.R_d_desc_alpha, device=self.device)
-        perms = torch.as_tensor(self.perms, dtype=torch.long, device=self.device)
-        inv = torch.argsort(perms, dim=1)
-        E, F = [], []
-        for start in range(0, len(Rb), batch):
-            r = torch.as_tensor(Rb[start:start + batch], device=self.device)
-            x, J = inverse_distance_jacobian(r[:, perms])             # orderings R[p_q]: (b,S,D), (b,S,D,3N)
-            U = x[:, :, None, :] - xm                                 # (b, S, M, D)
-            c1, c2 = _matern_coefficients(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-            dot = torch.einsum("bsmd,md->bsm", U, vm)
-            E.append(self.integration_constant - (c1 * dot).sum((1, 2)))
-            G = torch.einsum("bsm,bsmd->bsd", c2 * dot, U) - c1 @ vm     # ∇_x E₀ per ordering
-            F0 = -torch.einsum("bsd,bsdl->bsl", G, J).reshape(x.shape[:2] + r.shape[1:])
-            idx = inv[None, :, :, None].expand_as(F0)                 # F[p_q[a]] += F₀[q, a]
-            F.append(torch.gather(F0, 2, idx).sum(1))
-        E = torch.cat(E).cpu().numpy()
-        F = torch.cat(F).cpu().numpy()
+        dev = self.device
+        beta = None if self.alpha_E is None else torch.as_tensor(self.alpha_E, device=dev)
+        E, F = evaluate(torch.as_tensor(Rb, device=dev), torch.as_tensor(self.R_desc, device=dev),
+                        torch.as_tensor(self.R_d_desc_alpha, device=dev), beta,
+                        torch.as_tensor(self.perms, dtype=torch.long, device=dev),
+                        self.kernel_fn, self.sigma, self.p, batch)
+        E = (E + self.integration_constant).cpu().numpy()
+        F = F.cpu().numpy()
         return (float(E[0]), F[0]) if single else (E, F)
 
     # ----------------------------------------------------------------- file I/O
@@ -251,6 +250,17 @@ class SGDML:
         """Write the model to a `.gpff` file atomically (docs/model_file.md)."""
         from .modelfile import save_sgdml
         save_sgdml(self, path)
+
+
+def _jsonable(info: dict) -> dict:
+    """The solver report with numbers as plain Python numbers (for the model's metadata)."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, (np.generic, torch.Tensor)):
+            value = value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
+        if isinstance(value, (int, float, str, bool, type(None), list)):
+            out[key] = value
+    return out
 
 
 def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=(10.0,), **kwargs) -> SGDML:

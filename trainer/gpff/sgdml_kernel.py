@@ -1,0 +1,183 @@
+"""The sGDML kernel: exact prediction and the training-set kernel operator (torch, float64).
+
+Sources: papers/sgdml_chapter.txt eqs. 7.22-7.31 (Hessian kernel of a descriptor kernel,
+symmetric kernel over the permutational symmetries); papers/md22_iterative_solver.txt (kernel-
+vector products on the fly, no stored kernel); docs/model_file.md (the prediction formulas, which
+the C++ core implements too).
+
+Notation: M training geometries of N atoms, D = N(N-1)/2 descriptor entries, S symmetries, kernel
+k(d) with k₁ = k'/d, k₂ = (k'' − k'/d)/d² (gpff.kernels). Unknowns: force coefficients α (M, N, 3)
+and, when energies are trained on, energy coefficients β (M,). The training system is
+
+    [K_FF K_FE] [α]   [F    ]              K_FF[m, n] = Σ_q J_mᵀ H(x_m, x(P_q R_n)) J(P_q R_n) Π_q
+    [K_EF K_EE] [β] = [E − c] ,  (+ λ I),  K_EF[m, n] = Σ_q k₁ (J(P_q R_n) Π_q)ᵀ u,  K_EE[m, n] = Σ_q k
+    H = ∇_x ∇_x'ᵀ k = −(k₂ u uᵀ + k₁ I),  u = x_m − x(P_q R_n)
+
+and predictions use early contraction v_m = J_m α_m: evaluating the model at the training geometries
+is exactly K [α; β], which is how the iterative solver gets K-vector products without K.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .descriptor import inverse_distance_jacobian
+
+
+def evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch.Tensor | None,
+             perms: torch.Tensor, kernel, sigma: float, p: float = 1.0, batch: int = 16):
+    """Energy (without the integration constant) and forces of geometries R (docs/model_file.md).
+
+    Args:
+        R: (B, N, 3) positions, Å. xm, vm: (M, D) training descriptors and v_m = J_m α_m.
+        beta: (M,) energy coefficients or None. perms: (S, N) long, a group, identity first.
+        kernel: a function d, σ -> (k, k₁, k₂) (gpff.kernels). sigma: σ. p: descriptor exponent.
+    Returns:
+        E₀ (B,) and F (B, N, 3) tensors: E = c + E₀, F = −∇_R E.
+    """
+    inv = torch.argsort(perms, dim=1)
+    E, F = [], []
+    for start in range(0, len(R), batch):
+        r = R[start:start + batch]
+        x, J = inverse_distance_jacobian(r[:, perms], p)           # orderings R[p_q]: (b,S,D), (b,S,D,3N)
+        U = x[:, :, None, :] - xm                                   # (b, S, M, D)
+        k, k1, k2 = kernel(torch.linalg.vector_norm(U, dim=-1), sigma)
+        dot = torch.einsum("bsmd,md->bsm", U, vm)
+        e = (k1 * dot).sum((1, 2))
+        G = torch.einsum("bsm,bsmd->bsd", k2 * dot, U) + k1 @ vm      # ∇_x E₀ per ordering
+        if beta is not None:
+            e = e + (k @ beta).sum(1)
+            G = G + torch.einsum("bsm,bsmd->bsd", k1 * beta, U)
+        F0 = -torch.einsum("bsd,bsdl->bsl", G, J).reshape(x.shape[:2] + r.shape[1:])
+        F.append(torch.gather(F0, 2, inv[None, :, :, None].expand_as(F0)).sum(1))   # F[p_q[a]] += F₀[q, a]
+        E.append(e)
+    return torch.cat(E), torch.cat(F)
+
+
+class TrainingKernel:
+    """The (3NM [+ M]) × (3NM [+ M]) training kernel matrix K + λI of an sGDML model, as an operator.
+
+    Rows are the force components of each training geometry (frame m owns rows m·3N .. m·3N+3N−1),
+    then, with `use_energies`, one energy row per geometry. Implements the protocol of
+    gpff.solvers.KernelOperator (matvec, columns, diagonal) and dense assembly for Cholesky.
+
+    Args:
+        R: (M, N, 3) training positions, Å. perms: (S, N) long symmetries. kernel, sigma, p: as in
+        :func:`evaluate`. lam: λ. use_energies: include the energy rows and columns.
+    """
+
+    def __init__(self, R: torch.Tensor, perms: torch.Tensor, kernel, sigma: float, p: float,
+                 lam: float, use_energies: bool = False, block: int = 8):
+        self.R, self.perms, self.kernel, self.sigma, self.p = R, perms, kernel, sigma, p
+        self.lam = float(lam)
+        self.use_energies = use_energies
+        self.rows_per_block = block
+        self.m, self.natoms = R.shape[:2]
+        self.block = 3 * self.natoms                                # columns per training frame
+        self.nf = self.block * self.m
+        self.n = self.nf + (self.m if use_energies else 0)
+        self.dtype, self.device = R.dtype, R.device
+        s = perms.shape[0]
+        x, J = inverse_distance_jacobian(R[:, perms], p)            # (M, S, D), (M, S, D, 3N)
+        inv = torch.argsort(perms, dim=1)                           # Π_q: columns back to R's atoms
+        cols = (3 * inv[:, :, None] + torch.arange(3, device=R.device)).reshape(s, self.block)
+        self.x = x
+        self.JP = torch.gather(J, 3, cols[None, :, None, :].expand_as(J))
+        self.x0, self.J0 = x[:, 0], self.JP[:, 0]                  # identity ordering
+
+    def workspace_bytes(self) -> int:
+        """Bytes of the expanded training set plus one block of kernel rows (besides K)."""
+        m, s, d = self.x.shape
+        expansion = self.x.numel() + self.JP.numel()
+        rows = self.rows_per_block * (m * s * (d + 2 * self.block) + self.block * self.n
+                                      + m * d * self.block)
+        return 8 * (expansion + 2 * rows)
+
+    # ------------------------------------------------------------------ rows of K
+    def force_rows(self, frames: torch.Tensor) -> torch.Tensor:
+        """Rows of K (without λ) of the force components of `frames`: (len(frames)·3N, n)."""
+        Jf = self.J0[frames]
+        U = self.x0[frames][:, None, None, :] - self.x[None]       # (b, M, S, D)
+        k, k1, k2 = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
+        rows = torch.einsum("bdk,bmdl->bkml", Jf, torch.einsum("bms,msdl->bmdl", k1, self.JP))
+        A = torch.einsum("bdk,bmsd->bmsk", Jf, U)
+        B = torch.einsum("msdl,bmsd->bmsl", self.JP, U)
+        rows += torch.einsum("bms,bmsk,bmsl->bkml", k2, A, B)
+        out = -rows.reshape(len(frames) * self.block, self.nf)
+        if self.use_energies:                                       # Cov(F_f, E_n) = −J_fᵀ Σ_q k₁ u
+            fe = -torch.einsum("bdk,bmsd->bkm", Jf, k1[..., None] * U)
+            out = torch.cat([out, fe.reshape(len(frames) * self.block, self.m)], dim=1)
+        return out
+
+    def energy_rows(self, frames: torch.Tensor) -> torch.Tensor:
+        """Rows of K (without λ) of the energies of `frames`: (len(frames), n)."""
+        U = self.x0[frames][:, None, None, :] - self.x[None]
+        k, k1, _ = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
+        ef = torch.einsum("bms,msdl,bmsd->bml", k1, self.JP, U).reshape(len(frames), self.nf)
+        return torch.cat([ef, k.sum(-1)], dim=1)
+
+    def assemble(self, progress: bool = True) -> torch.Tensor:
+        """Dense K + λI (n, n), filled block of rows by block of rows (no other n² buffer)."""
+        K = torch.empty((self.n, self.n), dtype=self.dtype, device=self.device)
+        b = self.rows_per_block
+        for start in tqdm(range(0, self.m, b), desc=f"kernel {self.n}x{self.n}",
+                          disable=not progress, leave=False):
+            f = torch.arange(start, min(start + b, self.m), device=self.device)
+            K[start * self.block:(start + len(f)) * self.block] = self.force_rows(f)
+            if self.use_energies:
+                K[self.nf + start:self.nf + start + len(f)] = self.energy_rows(f)
+        K.diagonal().add_(self.lam)
+        return K
+
+    # ------------------------------------------------------ solver operator protocol
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """K[:, idx] without λ, (n, len(idx)); K is symmetric, so these are rows, transposed."""
+        idx = torch.as_tensor(idx, device=self.device).long()
+        out = torch.empty((len(idx), self.n), dtype=self.dtype, device=self.device)
+        is_force = idx < self.nf
+        if is_force.any():
+            fidx = idx[is_force]
+            frames, where = torch.unique(fidx // self.block, return_inverse=True)
+            for start in range(0, len(frames), self.rows_per_block):
+                chunk = frames[start:start + self.rows_per_block]
+                rows = self.force_rows(chunk).reshape(len(chunk), self.block, self.n)
+                sel = (where >= start) & (where < start + len(chunk))
+                out[torch.nonzero(is_force).squeeze(1)[sel]] = rows[where[sel] - start,
+                                                                     fidx[sel] % self.block]
+        if (~is_force).any():
+            out[~is_force] = self.energy_rows(idx[~is_force] - self.nf)
+        return out.T
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(K) without λ, (n,): each frame against its own symmetric copies."""
+        diag = []
+        for start in range(0, self.m, self.rows_per_block):
+            f = torch.arange(start, min(start + self.rows_per_block, self.m), device=self.device)
+            U = self.x0[f][:, None, :] - self.x[f]                  # (b, S, D)
+            k, k1, k2 = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
+            JP, Jf = self.JP[f], self.J0[f]                         # (b,S,D,3N), (b,D,3N)
+            d1 = torch.einsum("bs,bdl,bsdl->bl", k1, Jf, JP)
+            A = torch.einsum("bdl,bsd->bsl", Jf, U)
+            B = torch.einsum("bsdl,bsd->bsl", JP, U)
+            diag.append((-(d1 + torch.einsum("bs,bsl,bsl->bl", k2, A, B))).reshape(-1))
+        out = torch.cat(diag)
+        if self.use_energies:
+            U = self.x0[:, None, :] - self.x
+            k, _, _ = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
+            out = torch.cat([out, k.sum(1)])
+        return out
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """(K + λI) V for V (n, b), without K: the model with coefficients V evaluated at the
+        training geometries (early contraction)."""
+        out = torch.empty_like(V)
+        for c in range(V.shape[1]):
+            alpha = V[:self.nf, c].reshape(self.m, self.block)
+            beta = V[self.nf:, c] if self.use_energies else None
+            v = torch.einsum("mdl,ml->md", self.J0, alpha)
+            e0, f = evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma, self.p)
+            out[:self.nf, c] = f.reshape(-1)
+            if self.use_energies:
+                out[self.nf:, c] = e0
+        return out + self.lam * V
