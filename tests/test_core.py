@@ -150,6 +150,9 @@ def test_properties(model, model_file):
     assert model.sigma == 0.7
     assert model.integration_constant == -97.5
     assert model.path == model_file
+    assert model.kernel == "matern52"
+    assert model.descriptor_exponent == 1.0
+    assert model.has_energy_coefficients is False
 
 
 def test_pathlike(model_file):
@@ -262,29 +265,160 @@ def test_energy_matches_contract_reference(tmp_path):
     assert np.all(np.isfinite(f))
 
 
-def test_all_simd_kernels_agree(s3_model):
-    """GPFF_KERNEL forces the baseline / AVX2 kernel (in a fresh process): same numbers."""
+def _check_simd_kernels_agree(models, r):
+    """GPFF_KERNEL forces the baseline / AVX2 kernel (in a fresh process): the same numbers as
+    this process' kernel, for each model in `models` at positions r."""
     import subprocess
     import sys
 
-    model, _, _ = s3_model
     assert _core.kernel_isa() in ("avx512", "avx2", "baseline")
-    rng = np.random.default_rng(26)
-    r = geometry(rng, 6)
-    e, f, w = model.compute(r)
+    ref = [m.compute(r) for m in models]
     code = ("import sys, json, numpy as np; from gpff import _core; "
-            "m = _core.SGDMLModel(sys.argv[1]); e, f, w = m.compute(np.array(json.loads(sys.argv[2]))); "
-            "print(json.dumps([_core.kernel_isa(), e, f.tolist(), w.tolist()]))")
+            "r = np.array(json.loads(sys.argv[1])); "
+            "out = [[float(x) for x in [v[0]]] + [v[1].tolist(), v[2].tolist()] "
+            "for v in (_core.SGDMLModel(p).compute(r) for p in sys.argv[2:])]; "
+            "print(json.dumps([_core.kernel_isa(), out]))")
     for kernel in ("baseline", "avx2", "avx512"):
         env = dict(os.environ, GPFF_KERNEL=kernel)
-        out = subprocess.run([sys.executable, "-c", code, model.path, json.dumps(r.tolist())],
-                             env=env, capture_output=True, text=True, check=True, cwd=os.path.dirname(model.path))
-        isa, e2, f2, w2 = json.loads(out.stdout)
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(r.tolist())] +
+                             [m.path for m in models], env=env, capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(models[0].path))
+        isa, results = json.loads(out.stdout)
         if kernel != "avx512":
             assert isa in (kernel, "baseline")
-        assert e2 == pytest.approx(e, rel=1e-13)
-        assert np.allclose(f2, f, rtol=0, atol=1e-12 * np.max(np.abs(f)))
-        assert np.allclose(w2, w, rtol=0, atol=1e-12 * np.max(np.abs(w)))
+        for (e, f, w), (e2, f2, w2), m in zip(ref, results, models):
+            assert e2 == pytest.approx(e, rel=1e-13), (kernel, m.path)
+            assert np.allclose(f2, f, rtol=0, atol=1e-12 * np.max(np.abs(f))), (kernel, m.path)
+            assert np.allclose(w2, w, rtol=0, atol=1e-12 * np.max(np.abs(w))), (kernel, m.path)
+
+
+def test_all_simd_kernels_agree(s3_model, tmp_path):
+    """Every ISA variant of every kernel instantiation (matern52 / rbf, with and without the
+    beta term, p = 1, 2, 1.5) gives the same numbers; S = 6 (chunks of orderings) and
+    M = 11 rows (a padded second block)."""
+    model, _, _ = s3_model
+    models = [model]
+    for kernel, p, beta in [("matern52", 2, True), ("matern52", 1.5, False), ("rbf", 1, False),
+                            ("rbf", 1.5, True), ("rbf", 2, False)]:
+        tensors, meta = make_model_arrays(seed=27, n_train=11, species=SPECIES_S3, perms=PERMS_S3,
+                                          sigma=1.0, kernel=kernel, p=p, beta=beta)
+        path = write_model(tmp_path / f"{kernel}_{p}_{beta}.gpff", tensors, meta)
+        models.append(_core.SGDMLModel(path))
+    _check_simd_kernels_agree(models, geometry(np.random.default_rng(26), 6))
+
+
+# ---- the general contract: kernel x descriptor exponent x energy coefficients x symmetries ----
+
+GENERAL_CASES = [(kernel, p, beta, s) for kernel in ("matern52", "rbf") for p in (1, 2, 1.5)
+                 for beta in (False, True) for s in (1, 6)]
+
+
+@pytest.fixture(scope="module", params=GENERAL_CASES,
+                ids=[f"{k}-p{p}-{'beta' if b else 'nobeta'}-S{s}" for k, p, b, s in GENERAL_CASES])
+def general_model(request, tmp_path_factory):
+    """(model, tensors, meta) for one combination; S = 6 is the S3 group of the methyl H atoms,
+    S = 1 plain GDML; M = 11 (a full and a padded 8-row block)."""
+    kernel, p, beta, s = request.param
+    perms = PERMS_S3 if s == 6 else PERMS_S3[:1]
+    tensors, meta = make_model_arrays(seed=31, n_train=11, species=SPECIES_S3, perms=perms,
+                                      sigma=1.0, kernel=kernel, p=p, beta=beta)
+    path = write_model(tmp_path_factory.mktemp("general") / "general.gpff", tensors, meta)
+    return _core.SGDMLModel(path), tensors, meta
+
+
+def test_general_properties(general_model):
+    model, tensors, meta = general_model
+    assert model.kernel == meta["kernel"]
+    assert model.descriptor_exponent == meta["descriptor_exponent"]
+    assert model.has_energy_coefficients == ("alpha_E" in tensors)
+    assert model.n_perms == len(tensors["perms"]) and model.n_train == 11
+
+
+def test_general_matches_contract_reference(general_model):
+    """Energy and forces == the numpy transcription of the document's formulas."""
+    model, tensors, meta = general_model
+    rng = np.random.default_rng(32)
+    for _ in range(3):
+        r = geometry(rng, 6)
+        e, f, _ = model.compute(r)
+        e_ref, f_ref = reference(r, tensors, meta)
+        assert e == pytest.approx(e_ref, rel=1e-11, abs=1e-11)
+        assert np.max(np.abs(f - f_ref)) <= 1e-10 * np.max(np.abs(f_ref))
+
+
+def test_general_finite_difference_forces(general_model):
+    model, _, _ = general_model
+    rng = np.random.default_rng(33)
+    for _ in range(2):
+        r = geometry(rng, 6)
+        e, f, _ = model.compute(r)
+        f_fd = finite_difference_forces(lambda x: model.compute(x)[0], r)
+        assert np.max(np.abs(f_fd - f)) <= 1e-6 * np.max(np.abs(f))
+
+
+def test_general_virial_is_sum_r_outer_f(general_model):
+    model, _, _ = general_model
+    r = geometry(np.random.default_rng(34), 6) + np.array([3.0, -7.0, 11.0])
+    _, f, w = model.compute(r)
+    full = r.T @ f
+    expected = np.array([full[0, 0], full[1, 1], full[2, 2], full[0, 1], full[0, 2], full[1, 2]])
+    assert np.allclose(w, expected, rtol=0, atol=1e-10 * np.max(np.abs(expected)))
+    assert np.allclose(full, full.T, atol=1e-10 * np.max(np.abs(full)))
+    assert np.allclose(f.sum(axis=0), 0.0, atol=1e-10 * np.max(np.abs(f)))
+
+
+def test_general_permutation_invariance(general_model):
+    """Invariant under the model's symmetries (S = 6); a permutation outside the group (or any
+    non-trivial one for S = 1) changes the energy."""
+    model, tensors, _ = general_model
+    rng = np.random.default_rng(35)
+    r = geometry(rng, 6)
+    e, f, w = model.compute(r)
+    for p in tensors["perms"]:
+        e_p, f_p, w_p = model.compute(r[p])
+        assert e_p == pytest.approx(e, rel=1e-13, abs=1e-13)
+        assert np.allclose(f_p, f[p], rtol=0, atol=1e-12 * np.max(np.abs(f)))
+        assert np.allclose(w_p, w, rtol=0, atol=1e-12 * np.max(np.abs(w)))
+    outside = [[0, 5, 2, 3, 4, 1]] + ([[0, 2, 1, 3, 4, 5]] if len(tensors["perms"]) == 1 else [])
+    for q in outside:
+        assert abs(model.compute(r[q])[0] - e) > 1e-8 * abs(e)
+
+
+def test_energy_coefficients_add_the_beta_term(tmp_path):
+    """alpha_E adds sum_q sum_m beta_m k(d_qm) to the energy: a model whose v_m are all zero has
+    E = c + sum beta k, and alpha_E = 0 gives the same numbers as no alpha_E."""
+    for kernel in ("matern52", "rbf"):
+        tensors, meta = make_model_arrays(seed=36, n_train=9, species=SPECIES_S3, perms=PERMS_S3,
+                                          sigma=1.0, kernel=kernel, p=1.5, beta=True)
+        r = geometry(np.random.default_rng(37), 6)
+        only_beta = dict(tensors, R_d_desc_alpha=np.zeros_like(tensors["R_d_desc_alpha"]))
+        m = _core.SGDMLModel(write_model(tmp_path / f"b_{kernel}.gpff", only_beta, meta))
+        expected = meta["integration_constant"]
+        for p in PERMS_S3:
+            d = np.linalg.norm(inv_dist(r[p]) ** 1.5 - tensors["R_desc"], axis=1)
+            expected += np.sum(tensors["alpha_E"] * kernel_k_k1_k2(meta, d)[0])
+        assert m.compute(r)[0] == pytest.approx(expected, rel=1e-12)
+        zero = dict(tensors, alpha_E=np.zeros(9))
+        without = {k: v for k, v in tensors.items() if k != "alpha_E"}
+        m0 = _core.SGDMLModel(write_model(tmp_path / f"z_{kernel}.gpff", zero, meta))
+        m1 = _core.SGDMLModel(write_model(tmp_path / f"n_{kernel}.gpff", without, meta))
+        assert m0.has_energy_coefficients and not m1.has_energy_coefficients
+        e0, f0, w0 = m0.compute(r)
+        e1, f1, w1 = m1.compute(r)
+        assert e0 == pytest.approx(e1, rel=1e-14)
+        assert np.allclose(f0, f1, rtol=0, atol=1e-13 * np.max(np.abs(f1)))
+
+
+def test_descriptor_exponent_one_is_the_default(tmp_path):
+    """descriptor_exponent: 1 written explicitly == left out (the p == 1 fast path either way)."""
+    tensors, meta = make_model_arrays(seed=38, n_train=5)
+    r = geometry(np.random.default_rng(39))
+    a = _core.SGDMLModel(write_model(tmp_path / "absent.gpff", tensors, meta))
+    b = _core.SGDMLModel(write_model(tmp_path / "one.gpff", tensors, dict(meta, descriptor_exponent=1.0)))
+    assert a.descriptor_exponent == 1.0 and b.descriptor_exponent == 1.0
+    ea, fa, wa = a.compute(r)
+    eb, fb, wb = b.compute(r)
+    assert ea == eb and np.array_equal(fa, fb) and np.array_equal(wa, wb)
 
 
 def test_threads_give_identical_results(model):
@@ -536,7 +670,30 @@ def test_missing_tensor(tmp_path, name):
 @pytest.mark.parametrize("change,phrase", [
     (lambda t, m: m.update(model="mff"), "model kind 'mff' is not 'sgdml'"),
     (lambda t, m: m.pop("model"), "metadata key 'model' is missing"),
-    (lambda t, m: m.update(kernel="rbf"), "kernel 'rbf' is not supported"),
+    (lambda t, m: m.update(kernel="laplace"),
+     "unsupported kernel 'laplace' (the C++ core evaluates matern52 and rbf)"),
+    (lambda t, m: m.update(kernel="RBF"), "unsupported kernel 'RBF'"),
+    (lambda t, m: m.update(kernel=52), "metadata key 'kernel' must be a string"),
+    (lambda t, m: m.update(descriptor_exponent=0), "descriptor_exponent must be > 0, got 0"),
+    (lambda t, m: m.update(descriptor_exponent=-1.5), "descriptor_exponent must be > 0, got -1.5"),
+    (lambda t, m: m.update(descriptor_exponent="2"),
+     "metadata key 'descriptor_exponent' must be a number"),
+    (lambda t, m: m.update(descriptor_exponent=None),
+     "metadata key 'descriptor_exponent' must be a number"),
+    # json.dumps writes NaN / Infinity, which are not JSON
+    (lambda t, m: m.update(descriptor_exponent=float("nan")), "invalid JSON in __metadata__.gpff"),
+    (lambda t, m: m.update(descriptor_exponent=float("inf")), "invalid JSON in __metadata__.gpff"),
+    (lambda t, m: t.update(alpha_E=np.ones(5)), "tensor 'alpha_E' has shape (5,), expected (4,)"),
+    (lambda t, m: t.update(alpha_E=np.ones((4, 1))), "tensor 'alpha_E' has shape (4, 1), expected (4,)"),
+    (lambda t, m: t.update(alpha_E=np.ones(())), "tensor 'alpha_E' has shape (), expected (4,)"),
+    (lambda t, m: t.update(alpha_E=np.ones(4, dtype=np.float32)),
+     "tensor 'alpha_E': unsupported dtype F32"),
+    (lambda t, m: t.update(alpha_E=np.ones(4, dtype=np.int32)),
+     "tensor 'alpha_E' has dtype I32, expected F64"),
+    (lambda t, m: t.update(alpha_E=np.array([1.0, np.nan, 0.0, 2.0])),
+     "tensor 'alpha_E' contains non-finite values"),
+    (lambda t, m: t.update(alpha_E=np.array([1.0, 0.0, -np.inf, 2.0])),
+     "tensor 'alpha_E' contains non-finite values"),
     (lambda t, m: m.update(descriptor="coulomb"), "descriptor 'coulomb' is not supported"),
     (lambda t, m: m.update(sigma=0.0), "sigma must be > 0"),
     (lambda t, m: m.update(sigma=-1.0), "sigma must be > 0"),
@@ -565,6 +722,18 @@ def test_bad_metadata_or_shapes(tmp_path, change, phrase):
     tensors, meta = make_model_arrays()
     change(tensors, meta)
     check_error(write_model(tmp_path / "bad.gpff", tensors, meta), phrase)
+
+
+def test_descriptor_exponent_not_finite(tmp_path):
+    """A JSON number that overflows a double (1e400) is refused by the JSON parser (the finite
+    check of the metadata getters is the second line of defence)."""
+    tensors, meta = make_model_arrays()
+    meta["descriptor_exponent"] = 12345.0
+    path = tmp_path / "pinf.gpff"
+    save_file(tensors, str(path),
+              metadata={"gpff": json.dumps(meta).replace("12345.0", "1e400")})
+    check_error(path, "invalid JSON in __metadata__.gpff: [json.exception.out_of_range.406] "
+                      "number overflow parsing '1e400'")
 
 
 _VALID = None

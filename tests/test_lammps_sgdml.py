@@ -461,3 +461,51 @@ def test_log_drift_reports_lammps_errors(tmp_path):
     log.write_text("units real\nERROR: pair_style sgdml: molecule 3: atom tag 7 not found\n")
     with pytest.raises(GpffError, match="log.lammps: LAMMPS reported an error: ERROR: pair_style"):
         log_drift(log)
+
+
+@pytest.mark.parametrize("units", ["real", "metal"])
+def test_rbf_p2_energy_coefficients_match_core(frames, tmp_path, units):
+    """A synthetic model with kernel rbf, descriptor_exponent 2 and energy coefficients alpha_E
+    (docs/model_file.md): LAMMPS `run 0` energy, forces and virial = the core's, in units real
+    and metal (the pair style only calls the core; this checks nothing drops the new terms)."""
+    from safetensors.numpy import save_file
+
+    from gpff._core import SGDMLModel
+
+    d = np.load(DATA)
+    z = d["nuclear_charges"].astype(np.int32)
+    n = len(z)
+    rng = np.random.default_rng(11)
+    x_k = np.array([_inverse_distances(frames[k] + 0.05 * rng.standard_normal((n, 3))) ** 2
+                    for k in range(0, 220, 10)])                 # M = 22, p = 2
+    m = len(x_k)
+    meta = {
+        "format_version": 1, "model": "sgdml", "gpff_version": "test-synthetic",
+        "units": {"energy": "kcal/mol", "length": "Angstrom"},
+        "species": [SYMBOLS[int(a)] for a in z], "n_atoms": n, "kernel": "rbf",
+        "descriptor": "inverse_distance", "descriptor_exponent": 2.0, "sigma": 0.3,
+        "lam": 1e-10, "integration_constant": -97000.0, "n_train": m, "n_perms": 1,
+        "molecule_extent": 5.0, "provenance": {"synthetic": True},
+    }
+    tensors = {"z": z, "perms": np.arange(n, dtype=np.int32)[None], "R_desc": x_k,
+               "R_d_desc_alpha": rng.standard_normal(x_k.shape),
+               "alpha_E": 50.0 * rng.standard_normal(m)}
+    path = str(tmp_path / "rbf_p2_beta.gpff")
+    save_file(tensors, path, metadata={"gpff": json.dumps(meta)})
+    core = SGDMLModel(path)
+    assert (core.kernel, core.descriptor_exponent, core.has_energy_coefficients) == ("rbf", 2.0, True)
+
+    elements = type_elements(core)
+    R = frames[7] + np.array([1.3, -0.4, 2.2])
+    data = write_data(tmp_path / "one.data", [R], core.species, (-12.0, 12.0), elements)
+    lmp = new_lammps()
+    lmp.commands_list(setup_lines(units, data, path, elements))
+    pe, f, virial, _, _, _ = run0(lmp)
+    lmp.close()
+
+    e, fc, w = core.compute(R)
+    c = factor(core, units)
+    assert np.max(np.abs(fc)) > 1.0                     # the model is not trivially flat here
+    assert pe == pytest.approx(c * e, rel=1e-9)
+    assert_close(f, c * fc)
+    assert_close(virial, c * w, scale=np.max(np.abs(c * w)))

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -41,6 +42,17 @@ std::string element_symbol(int z)
 
 // ---- loading -----------------------------------------------------------------------------------
 
+//! shortest round-trip text of a double ("0", "-1.5", "0.1")
+static std::string number_text(double x)
+{
+  char buf[32];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof buf, "%.*g", prec, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  return buf;
+}
+
 SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
 {
   ModelFile mf(path);
@@ -69,7 +81,7 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
   if (mf.has_key("descriptor_exponent")) {
     desc_exp_ = mf.meta_double("descriptor_exponent");    // a number, finite
     if (!(desc_exp_ > 0.0))
-      throw mf.error("descriptor_exponent must be > 0, got " + std::to_string(desc_exp_));
+      throw mf.error("descriptor_exponent must be > 0, got " + number_text(desc_exp_));
   }
   desc_exp_kind_ = desc_exp_ == 1.0 ? 1 : desc_exp_ == 2.0 ? 2 : 0;
 

@@ -323,7 +323,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 def pcg(op: KernelOperator, y: torch.Tensor, precond=None, x0: torch.Tensor | None = None, *,
         tol: float = DEFAULT_TOL, max_iter: int = 1000,
         callback: Callable[[int, torch.Tensor, float], bool | None] | None = None,
-        stall_window: int = 50, stall_factor: float = 0.5):
+        stall_window: int | None = None, stall_factor: float = 0.5):
     """Preconditioned conjugate gradient for (K + λI) x = y (eqs. 4-6).
 
     Args:
@@ -338,7 +338,8 @@ def pcg(op: KernelOperator, y: torch.Tensor, precond=None, x0: torch.Tensor | No
         callback: called as callback(iteration, x, rel_residual) after every iteration (x is the
             live iterate: copy it to keep it); returning True stops with status "stopped".
         stall_window, stall_factor: status "stalled" when the smallest residual of the last
-            `stall_window` iterations is above `stall_factor` × the smallest one before them.
+            `stall_window` iterations is above `stall_factor` × the smallest one before them
+            (None: never).
 
     Returns:
         (x, info): x has y's shape; info dict with status ("converged", "max_iter", "stalled",
@@ -408,7 +409,7 @@ def pcg(op: KernelOperator, y: torch.Tensor, precond=None, x0: torch.Tensor | No
             continue
         hist.append(rel)
         prefmin.append(min(prefmin[-1], rel))
-        if len(hist) > stall_window + 1 and \
+        if stall_window is not None and len(hist) > stall_window + 1 and \
                 min(hist[-stall_window:]) > stall_factor * prefmin[-stall_window - 1]:
             status = "stalled"
             break
@@ -632,6 +633,7 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
     bar = tqdm(total=max_iter, desc="CG", unit="it", disable=not progress, leave=False)
     P = None
     breakdowns = 0
+    window = stall_window
     try:
         while True:
             P = None                                              # free the old one first
@@ -651,7 +653,7 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
                 return False
 
             x, pinfo = pcg(op, y, P, x0=x, tol=tol, max_iter=max_iter - iters, callback=cb,
-                           stall_window=stall_window, stall_factor=stall_factor)
+                           stall_window=window, stall_factor=stall_factor)
             iters += pinfo["iterations"]
             matvecs += pinfo["matvecs"]
             residual = pinfo["residual"]
@@ -688,6 +690,10 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
             if f_new > len(inducing_frames):
                 extra = _sample_frames(scores, f_new - len(inducing_frames), inducing_frames, gen)
                 inducing_frames = torch.cat([inducing_frames, extra]).sort().values
+            else:
+                # the preconditioner cannot grow (budget or all frames): restarting only resets
+                # the Krylov space, so wait twice as long before the next restart
+                window *= 2
             if progress:
                 bar.write(f"CG restart {restarts} at residual {residual:.2e} "
                           f"({status}); {len(inducing_frames) * per} inducing columns")
