@@ -40,9 +40,11 @@ def ethanol_test():
 
 @pytest.fixture(scope="session")
 def ethanol_model(ethanol_train):
-    """sGDML model (σ = 10, 6 symmetries) trained on 200 frames of rMD17 ethanol split 01."""
+    """sGDML model (σ = 10, 6 symmetries, forces only) trained on 200 frames of rMD17 ethanol
+    split 01."""
     idx = np.random.default_rng(0).choice(ethanol_train.n_frames, 200, replace=False)
-    return gpff.SGDML(sigma=10.0, progress=False).fit(ethanol_train.subset(np.sort(idx)))
+    return gpff.SGDML(sigma=10.0, use_energies=False,
+                      progress=False).fit(ethanol_train.subset(np.sort(idx)))
 
 
 @pytest.fixture(scope="session")

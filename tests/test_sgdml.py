@@ -39,7 +39,7 @@ def test_permutation_invariance(ethanol_model, ethanol_test):
 def test_training_forces_reproduced(ethanol_train):
     """K α = F on the training set: the kernel matrix and the early-contraction predictor agree."""
     train = ethanol_train.subset(np.arange(0, 300, 10))
-    model = SGDML(sigma=10.0, lam=1e-12, progress=False).fit(train)
+    model = SGDML(sigma=10.0, lam=1e-12, use_energies=False, progress=False).fit(train)
     _, F = model.predict(train.R)
     assert np.abs(F - train.F).max() / np.abs(train.F).max() < 1e-5
 
@@ -93,9 +93,9 @@ _MEMORY_PROBE = """
 import resource, sys
 import numpy as np, gpff
 train = gpff.load_dataset(sys.argv[1]).subset(np.arange(300))
-gpff.SGDML(sigma=10.0, perms=np.arange(9)[None], progress=False).fit(train)  # warm-up: imports, allocator
+gpff.SGDML(sigma=10.0, perms=np.arange(9)[None], use_energies=False, progress=False).fit(train)  # warm-up
 base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-gpff.SGDML(sigma=10.0, progress=False).fit(train)
+gpff.SGDML(sigma=10.0, use_energies=False, progress=False).fit(train)
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 

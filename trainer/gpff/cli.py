@@ -26,8 +26,8 @@ def _floats(text: str):
 
 def cmd_train_sgdml(args) -> dict:
     from .data import load_dataset, split_indices
-    from .errors import DatasetError
-    from .sgdml import train_sgdml
+    from .errors import DatasetError, TrainingError
+    from .sgdml import SOLVERS, train_sgdml  # noqa: F401
 
     data = load_dataset(args.data, energy_unit=args.energy_unit)
     n_valid = args.n_valid if args.n_valid is not None else (
@@ -46,13 +46,32 @@ def cmd_train_sgdml(args) -> dict:
         raise DatasetError(f"{args.data}: no training frames left ({data.n_frames} frames, "
                            f"{n_valid} for validation)")
     train = data.subset(train_idx)
-    model = train_sgdml(train, valid, sigmas=args.sigma_grid or [args.sigma], lam=args.lam,
-                        use_sym=not args.no_sym, device=args.device, progress=not args.quiet)
+    checkpoint = f"{args.output}.ckpt"
+    if args.resume and not os.path.exists(checkpoint):
+        raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
+    sigmas = args.sigma_grid or (None if args.sigma is None else [args.sigma])
+    options = dict(lam=args.lam, use_sym=not args.no_sym, kernel=args.kernel,
+                   use_energies=args.use_energies, solver=args.solver, max_memory=args.max_memory,
+                   tol=args.tol, checkpoint=checkpoint, resume=args.resume, device=args.device,
+                   progress=not args.quiet)
+    if args.p is not None:
+        options["p"] = args.p
+    try:
+        model = train_sgdml(train, valid, sigmas=sigmas, **options)
+    except KeyboardInterrupt:
+        if os.path.exists(checkpoint):
+            raise TrainingError(f"interrupted; the solver state is in {checkpoint}: rerun the same "
+                                f"command with --resume") from None
+        raise
     model.provenance["seed"] = args.seed
     model.save(args.output)
-    summary = {"model": os.fspath(args.output), "sigma": model.sigma, "n_train": model.n_train,
+    if os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    summary = {"model": os.fspath(args.output), "sigma": model.sigma, "p": model.p,
+               "kernel": model.kernel, "use_energies": model.use_energies, "n_train": model.n_train,
                "n_perms": len(model.perms), "energy_unit": model.energy_unit,
                "validation": model.provenance.get("validation"),
+               "solver": model.provenance["solver"],
                "train_seconds": model.provenance["train_seconds"]}
     print(json.dumps(summary, indent=1))
     return summary
@@ -113,9 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--n-valid", type=int, help="validation frames (default 0; 1/5 up to 200 with --sigma-grid)")
     sg.add_argument("--valid", help="draw validation frames from this file instead")
     grp = sg.add_mutually_exclusive_group()
-    grp.add_argument("--sigma", type=float, default=10.0, help="kernel length scale σ (default 10)")
+    grp.add_argument("--sigma", type=float, help="kernel length scale σ (default: searched, with p, "
+                     "by hold-out validation on the training frames)")
     grp.add_argument("--sigma-grid", type=_floats, help="comma-separated σ values, chosen by validation force MAE")
+    sg.add_argument("--p", type=float, help="descriptor exponent p of 1/r^p (default 1, or searched)")
+    sg.add_argument("--kernel", choices=["matern52", "rbf"], default="matern52", help="kernel (default matern52)")
+    sg.add_argument("--no-energies", dest="use_energies", action="store_false", default=None,
+                    help="train on forces only (default: energies too, when the data has them)")
     sg.add_argument("--lam", type=float, default=1e-10, help="regularisation λ (default 1e-10)")
+    sg.add_argument("--solver", choices=["auto", "cholesky", "cg"], default="auto",
+                    help="auto: Cholesky when the kernel fits --max-memory, else preconditioned CG")
+    sg.add_argument("--max-memory", type=float, help="memory budget in GB (default 80%% of RAM)")
+    sg.add_argument("--tol", type=float, default=1e-4, help="CG relative residual (default 1e-4)")
+    sg.add_argument("--resume", action="store_true", help="continue an interrupted CG solve from OUTPUT.ckpt")
     sg.add_argument("--no-sym", action="store_true", help="plain GDML: no permutational symmetries")
     sg.add_argument("--seed", type=int, default=0, help="seed of the frame selection")
     sg.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")

@@ -45,22 +45,24 @@ def validation_loss(train: Dataset, valid: Dataset, perms: torch.Tensor, kernel:
 
 def optimize_sigma_p(train: Dataset, valid: Dataset, perms, kernel: str, sigma0: float,
                      p0: float = 1.0, lam: float = 1e-10, use_energies: bool = False,
-                     steps: int = 20, lr: float = 0.1, device="cpu", progress: bool = True):
+                     steps: int = 20, lr: float = 0.1, optimize_p: bool = True, device="cpu",
+                     progress: bool = True):
     """Gradient-based optimisation of σ and the descriptor exponent p (ad_kernels SI §D).
 
-    Adam on (log σ, log p) minimising :func:`validation_loss`. Returns (σ, p, history) with the
-    best point seen; history is a list of {"sigma", "p", "force_rmse"}.
+    Adam on (log σ, log p) (log σ only unless `optimize_p`) minimising :func:`validation_loss`.
+    Returns (σ, p, history) with the best point seen; history is a list of {"sigma", "p",
+    "force_rmse"}, the first entry being the starting point.
     """
     perms = torch.as_tensor(perms, dtype=torch.long, device=device)
     log_s = torch.tensor(math.log(sigma0), dtype=torch.float64, requires_grad=True)
-    log_p = torch.tensor(math.log(p0), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([log_s, log_p], lr=lr)
+    log_p = torch.tensor(math.log(p0), dtype=torch.float64, requires_grad=optimize_p)
+    opt = torch.optim.Adam([log_s, log_p] if optimize_p else [log_s], lr=lr)
     history, best = [], (np.inf, sigma0, p0)
     for _ in tqdm(range(steps), desc="σ, p gradient search", disable=not progress, leave=False):
         opt.zero_grad()
         loss = validation_loss(train, valid, perms, kernel, log_s.exp(), log_p.exp(), lam,
                                use_energies, device)
-        s, pp, rmse = float(log_s.exp()), float(log_p.exp()), math.sqrt(float(loss))
+        s, pp, rmse = float(log_s.exp()), float(log_p.exp()), math.sqrt(float(loss.detach()))
         history.append({"sigma": s, "p": pp, "force_rmse": rmse})
         if rmse < best[0]:
             best = (rmse, s, pp)
@@ -72,13 +74,16 @@ def optimize_sigma_p(train: Dataset, valid: Dataset, perms, kernel: str, sigma0:
 def choose_hyperparameters(data: Dataset, perms, kernel: str = "matern52",
                            use_energies: bool = False, lam: float = 1e-10,
                            sigmas=(2.0, 4.0, 8.0, 16.0, 32.0, 64.0), n_sub: int = 200,
-                           n_valid: int = 200, seed: int = 0, device="cpu",
+                           n_valid: int = 200, n_grad: int = 100, steps: int = 15,
+                           optimize_p: bool = True, p: float = 1.0, seed: int = 0, device="cpu",
                            progress: bool = True) -> dict:
     """The defaults' hyperparameter search on training frames only (no test data).
 
-    Hold-out validation inside `data`: fits on `n_sub` frames, validated on `n_valid` others;
-    a σ grid (sgdml's search) at p = 1, then gradient refinement of σ and p from the best point.
-    The caller refits on all frames with the result. Returns {"sigma", "p", "grid", "gradient"}.
+    Hold-out validation inside `data`: a σ grid (sgdml's search) at exponent `p`, fitted on `n_sub`
+    frames and validated on `n_valid` others; then `steps` Adam steps on (log σ, log p) (p fixed
+    unless `optimize_p`) from the best grid point, fitted on the first `n_grad` of those frames
+    (the backward pass through the kernel costs ~n_grad²). The caller refits on all frames with
+    the result. Returns {"sigma", "p", "grid", "gradient", sizes}.
     """
     n_sub = min(n_sub, max(1, data.n_frames // 2))
     n_valid = min(n_valid, data.n_frames - n_sub)
@@ -88,12 +93,12 @@ def choose_hyperparameters(data: Dataset, perms, kernel: str = "matern52",
     grid = []
     for s in tqdm(sigmas, desc="σ grid", disable=not progress, leave=False):
         with torch.no_grad():
-            loss = validation_loss(sub, val, perms_t, kernel, float(s), 1.0, lam, use_energies, device)
-        grid.append({"sigma": float(s), "p": 1.0, "force_rmse": math.sqrt(float(loss))})
+            loss = validation_loss(sub, val, perms_t, kernel, float(s), p, lam, use_energies, device)
+        grid.append({"sigma": float(s), "p": p, "force_rmse": math.sqrt(float(loss))})
     start = min(grid, key=lambda g: g["force_rmse"])
-    sigma, p, history = optimize_sigma_p(sub, val, perms_t, kernel, start["sigma"], 1.0, lam,
-                                         use_energies, device=device, progress=progress)
-    if min(h["force_rmse"] for h in history) > start["force_rmse"]:
-        sigma, p = start["sigma"], 1.0
-    return {"sigma": sigma, "p": p, "grid": grid, "gradient": history,
-            "n_sub": int(n_sub), "n_valid": int(n_valid)}
+    grad_sub = sub.subset(np.arange(min(n_grad, sub.n_frames)))
+    sigma, p_opt, history = optimize_sigma_p(grad_sub, val, perms_t, kernel, start["sigma"], p, lam,
+                                             use_energies, steps=steps, optimize_p=optimize_p,
+                                             device=device, progress=progress)
+    return {"sigma": sigma, "p": p_opt, "grid": grid, "gradient": history,
+            "n_sub": int(n_sub), "n_valid": int(n_valid), "n_grad": int(grad_sub.n_frames)}

@@ -131,6 +131,7 @@ def load_sgdml(path, meta, tensors):
     except ValueError as err:
         raise ModelFileError(f"{path}: {err}") from None
     model.alpha_E = beta
+    model.use_energies = beta is not None
     model.z = z.astype(np.int32)
     model.R_desc, model.R_d_desc_alpha = xk, vk
     model.integration_constant = float(meta["integration_constant"])

@@ -151,22 +151,25 @@ class TrainingKernel:
 
     def diagonal(self) -> torch.Tensor:
         """diag(K) without λ, (n,): each frame against its own symmetric copies."""
-        diag = []
+        force, energy = [], []
         for start in range(0, self.m, self.rows_per_block):
             f = torch.arange(start, min(start + self.rows_per_block, self.m), device=self.device)
-            U = self.x0[f][:, None, :] - self.x[f]                  # (b, S, D)
-            k, k1, k2 = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-            JP, Jf = self.JP[f], self.J0[f]                         # (b,S,D,3N), (b,D,3N)
-            d1 = torch.einsum("bs,bdl,bsdl->bl", k1, Jf, JP)
-            A = torch.einsum("bdl,bsd->bsl", Jf, U)
-            B = torch.einsum("bsdl,bsd->bsl", JP, U)
-            diag.append((-(d1 + torch.einsum("bs,bsl,bsl->bl", k2, A, B))).reshape(-1))
-        out = torch.cat(diag)
-        if self.use_energies:
-            U = self.x0[:, None, :] - self.x
-            k, _, _ = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-            out = torch.cat([out, k.sum(1)])
-        return out
+            fd, ed = self._diagonal_blocks(f)
+            force.append(fd.reshape(-1))
+            energy.append(ed)
+        out = torch.cat(force)
+        return torch.cat([out, torch.cat(energy)]) if self.use_energies else out
+
+    def _diagonal_blocks(self, f: torch.Tensor):
+        """Kernel-dependent part of :meth:`diagonal` for frames f: the force diagonal (b, 3N) and
+        the energy diagonal (b,)."""
+        U = self.x0[f][:, None, :] - self.x[f]                      # (b, S, D)
+        k, k1, k2 = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
+        JP, Jf = self.JP[f], self.J0[f]                             # (b,S,D,3N), (b,D,3N)
+        d1 = torch.einsum("bs,bdl,bsdl->bl", k1, Jf, JP)
+        A = torch.einsum("bdl,bsd->bsl", Jf, U)
+        B = torch.einsum("bsdl,bsd->bsl", JP, U)
+        return -(d1 + torch.einsum("bs,bsl,bsl->bl", k2, A, B)), k.sum(1)
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """(K + λI) V for V (n, b), without K: the model with coefficients V evaluated at the
@@ -176,8 +179,12 @@ class TrainingKernel:
             alpha = V[:self.nf, c].reshape(self.m, self.block)
             beta = V[self.nf:, c] if self.use_energies else None
             v = torch.einsum("mdl,ml->md", self.J0, alpha)
-            e0, f = evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma, self.p)
+            e0, f = self._evaluate(v, beta)
             out[:self.nf, c] = f.reshape(-1)
             if self.use_energies:
                 out[self.nf:, c] = e0
         return out + self.lam * V
+
+    def _evaluate(self, v: torch.Tensor, beta: torch.Tensor | None):
+        """The model with v_m = J_m α_m and β evaluated at the training geometries (E₀, F)."""
+        return evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma, self.p)
