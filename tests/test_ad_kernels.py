@@ -16,6 +16,9 @@ from gpff.symmetry import find_permutations
 
 from conftest import finite_difference_forces
 
+# torch warns once when forward-mode AD first loads its decompositions (torch.jit.script)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 TOL = 1e-10
 # (kernel, σ, p): σ scaled to the descriptor range of each exponent
 KERNELS = [(MATERN52, 10.0, 1.0), (MATERN52, 5.0, 1.5), (RBF, 3.0, 1.0), (RBF, 2.0, 1.5)]
@@ -28,7 +31,7 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def frames(ethanol_train):
-    train = ethanol_train.subset(np.arange(0, 1000, 80))           # 13 frames
+    train = ethanol_train.subset(np.arange(0, 1000, 100))          # 10 frames
     R = torch.as_tensor(train.R)
     perms = torch.as_tensor(find_permutations(train.R, train.z, progress=False)).long()
     assert perms.shape[0] > 1                                       # symmetries are exercised
@@ -99,12 +102,16 @@ def test_matern_derivatives_near_zero_distance(t):
     u = torch.randn(10, generator=g, dtype=torch.float64)
     u = u * (t / a) / u.norm()
     xp = x - u
-    k, k1, k2 = matern52(torch.tensor(t / a, dtype=torch.float64), sigma)
+    u = x - xp                                      # the difference as rounded
+    k, k1, k2 = matern52(u.norm(), sigma)
     grad = torch.func.grad(matern52_scalar, argnums=0)(x, xp, sigma)
     H = torch.func.jacfwd(torch.func.jacrev(matern52_scalar, argnums=0), argnums=1)(x, xp, sigma)
     assert torch.isfinite(H).all()
     assert abs(float(matern52_scalar(x, xp, sigma)) - float(k)) < 1e-15
-    assert torch.allclose(grad, k1 * u, rtol=0, atol=1e-12 * a * a * max(t / a, 1e-300))
+    if t == 0.0:
+        assert float(grad.abs().max()) == 0.0
+    else:
+        assert rel_err(grad, k1 * u) < TOL
     H_ref = -k2 * torch.outer(u, u) - k1 * torch.eye(10, dtype=torch.float64)
     assert rel_err(H, H_ref) < TOL
 
@@ -150,8 +157,8 @@ def _fit(op, train):
 def test_user_kernel_trains_and_is_conservative(frames, ethanol_test, use_energies):
     train, R, perms = frames
     rq = rational_quadratic(2.0)
-    sigma, p = 8.0, 1.0
-    op = ADTrainingKernel(R, perms, rq, sigma, p, 1e-10, use_energies, block=5)
+    sigma, p = 3.0, 1.0
+    op = ADTrainingKernel(R, perms, rq, sigma, p, 1e-12, use_energies, block=5)
     v, beta, c = _fit(op, train)
     E0, F = ad_evaluate(R, op.x0, v, beta, perms, rq, sigma, p)
     assert rel_err(F, torch.as_tensor(train.F)) < 1e-3

@@ -85,3 +85,22 @@ def test_missing_energies_with_use_energies(small_train):
 def test_cholesky_over_budget_is_refused(small_train):
     with pytest.raises(gpff.TrainingError, match="over the .* GB budget: use --solver cg"):
         SGDML(solver="cholesky", max_memory=0.001, progress=False).fit(small_train)
+
+
+def test_user_kernel_trains_by_ad_and_cannot_be_exported(small_train, ethanol_test, tmp_path):
+    from gpff.ad_kernels import MATERN52, ScalarKernel
+
+    def rational_quadratic(x, xp, sigma):              # (1 + d²/(2 a σ²))^-a, a = 2
+        return (1.0 + torch.sum((x - xp) ** 2) / (4.0 * sigma ** 2)) ** -2.0
+
+    user = ScalarKernel(rational_quadratic, "rational_quadratic")
+    model = SGDML(sigma=3.0, kernel=user, use_energies=False, lam=1e-6, progress=False).fit(small_train)
+    R = ethanol_test.R[1]
+    fd = finite_difference_forces(lambda r: model.predict(r)[0], R, h=1e-3)
+    assert np.abs(fd - model.predict(R)[1]).max() < 1e-6 * np.abs(fd).max()
+    with pytest.raises(gpff.GpffError, match="kernel 'rational_quadratic' is a Python function"):
+        model.save(tmp_path / "user.gpff")
+    assert not (tmp_path / "user.gpff").exists()
+    builtin = SGDML(sigma=10.0, kernel=MATERN52, use_energies=False, progress=False).fit(small_train)
+    builtin.save(tmp_path / "m.gpff")                  # a built-in ScalarKernel takes the fast path
+    assert gpff.load(tmp_path / "m.gpff").kernel == "matern52"

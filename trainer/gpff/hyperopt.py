@@ -15,11 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, split_indices
-from .kernels import get_kernel
-from .sgdml_kernel import TrainingKernel, evaluate
+from .ad_kernels import kernel_backend
 
 
-def validation_loss(train: Dataset, valid: Dataset, perms: torch.Tensor, kernel: str,
+def validation_loss(train: Dataset, valid: Dataset, perms: torch.Tensor, kernel,
                     sigma, p, lam: float, use_energies: bool = False,
                     device="cpu") -> torch.Tensor:
     """Mean squared validation force error of the model fitted on `train` (dense Cholesky).
@@ -28,7 +27,8 @@ def validation_loss(train: Dataset, valid: Dataset, perms: torch.Tensor, kernel:
     Returns a 0-d tensor in (energy unit/Å)².
     """
     R = torch.as_tensor(train.R, device=device)
-    op = TrainingKernel(R, perms, get_kernel(kernel), sigma, p, lam, use_energies)
+    _, operator, evaluate, kernel_fn = kernel_backend(kernel)
+    op = operator(R, perms, kernel_fn, sigma, p, lam, use_energies)
     y = torch.as_tensor(train.F, device=device).reshape(-1, 1)
     if use_energies:
         y = torch.cat([y, torch.as_tensor(train.E - train.E.mean(), device=device)[:, None]])
@@ -38,8 +38,7 @@ def validation_loss(train: Dataset, valid: Dataset, perms: torch.Tensor, kernel:
     x, J = op.x0, op.J0
     v = torch.einsum("mdl,ml->md", J, alpha)
     beta = a[op.nf:, 0] if use_energies else None
-    _, F = evaluate(torch.as_tensor(valid.R, device=device), x, v, beta, perms, get_kernel(kernel),
-                    sigma, p)
+    _, F = evaluate(torch.as_tensor(valid.R, device=device), x, v, beta, perms, kernel_fn, sigma, p)
     return torch.mean((F - torch.as_tensor(valid.F, device=device)) ** 2)
 
 

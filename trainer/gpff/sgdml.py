@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from .data import Dataset
 from .descriptor import inverse_distance_jacobian, pair_indices
-from .errors import DatasetError, SpeciesError, TrainingError
-from .kernels import get_kernel
-from .sgdml_kernel import TrainingKernel, evaluate
+from .errors import DatasetError, GpffError, SpeciesError, TrainingError
+from .sgdml_kernel import TrainingKernel
+from .ad_kernels import kernel_backend
 from .symmetry import find_permutations
 
 SOLVERS = ("auto", "cholesky", "cg")
@@ -73,7 +73,10 @@ class SGDML:
         lam: regularisation λ added to the kernel diagonal.
         use_sym: recover permutational symmetries (False: plain GDML).
         perms: (S, N) symmetries to use instead of recovering them (identity first).
-        kernel: "matern52" (default) or "rbf" (gpff.kernels).
+        kernel: "matern52" (default) or "rbf" (hand-derived fast path, gpff.kernels), or a
+            gpff.ad_kernels.ScalarKernel written as a scalar function of two descriptors, whose
+            Hessian kernel and predictions are derived by AD (such a model predicts in Python;
+            the .gpff format and the C++ core know matern52 and rbf).
         p: descriptor exponent, x_ij = 1/r_ij^p (default 1).
         use_energies: train on energies too (joint energy/force GP, energy-constraint variant;
             on rMD17 ethanol it lowers both energy and force errors); None (default): when the
@@ -110,8 +113,7 @@ class SGDML:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if max_memory is not None and not max_memory > 0:
             raise ValueError(f"max_memory must be positive (GB), got {max_memory}")
-        self.kernel_fn = get_kernel(kernel)
-        self.kernel = kernel
+        self.kernel, self._operator, self._evaluate, self.kernel_fn = kernel_backend(kernel)
         self.sigma = float(sigma)
         self.lam = float(lam)
         self.p = float(p)
@@ -131,7 +133,7 @@ class SGDML:
         self.provenance: dict = {}
 
     # ---------------------------------------------------------------- training
-    def _choose_solver(self, op: TrainingKernel, budget: int) -> str:
+    def _choose_solver(self, op, budget: int) -> str:
         """Cholesky when the dense kernel and the workspace fit the budget, else CG."""
         if self.solver != "auto":
             return self.solver
@@ -158,7 +160,7 @@ class SGDML:
         _check_perms(self.perms, z)
         R = torch.as_tensor(train.R, dtype=torch.float64, device=self.device)
         perms = torch.as_tensor(self.perms, dtype=torch.long, device=self.device)
-        op = TrainingKernel(R, perms, self.kernel_fn, self.sigma, self.p, self.lam,
+        op = self._operator(R, perms, self.kernel_fn, self.sigma, self.p, self.lam,
                             self.use_energies, self.block)
         y = torch.as_tensor(train.F, dtype=torch.float64, device=self.device).reshape(-1, 1)
         c = 0.0
@@ -241,7 +243,7 @@ class SGDML:
             raise DatasetError("positions contain NaN or inf")
         dev = self.device
         beta = None if self.alpha_E is None else torch.as_tensor(self.alpha_E, device=dev)
-        E, F = evaluate(torch.as_tensor(Rb, device=dev), torch.as_tensor(self.R_desc, device=dev),
+        E, F = self._evaluate(torch.as_tensor(Rb, device=dev), torch.as_tensor(self.R_desc, device=dev),
                         torch.as_tensor(self.R_d_desc_alpha, device=dev), beta,
                         torch.as_tensor(self.perms, dtype=torch.long, device=dev),
                         self.kernel_fn, self.sigma, self.p, batch)
@@ -251,8 +253,16 @@ class SGDML:
 
     # ----------------------------------------------------------------- file I/O
     def save(self, path) -> None:
-        """Write the model to a `.gpff` file atomically (docs/model_file.md)."""
+        """Write the model to a `.gpff` file atomically (docs/model_file.md).
+
+        Raises GpffError for a model with a user (AD) kernel, which the file format cannot hold.
+        """
         from .modelfile import save_sgdml
+
+        if self._operator is not TrainingKernel:
+            raise GpffError(f"{os.fspath(path)}: kernel {self.kernel!r} is a Python function; "
+                            "model files hold the matern52 and rbf kernels the C++ core "
+                            "evaluates: predict this model with model.predict")
         save_sgdml(self, path)
 
 

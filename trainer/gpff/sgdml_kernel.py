@@ -114,7 +114,7 @@ class TrainingKernel:
         """Rows of K (without λ) of the energies of `frames`: (len(frames), n)."""
         U = self.x0[frames][:, None, None, :] - self.x[None]
         k, k1, _ = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-        ef = torch.einsum("bms,msdl,bmsd->bml", k1, self.JP, U).reshape(len(frames), self.nf)
+        ef = torch.einsum("msdl,bmsd->bml", self.JP, k1[..., None] * U).reshape(len(frames), self.nf)
         return torch.cat([ef, k.sum(-1)], dim=1)
 
     def assemble(self, progress: bool = True) -> torch.Tensor:
