@@ -13,6 +13,7 @@ trained with energies, and the integration constant c.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -28,6 +29,8 @@ from .ad_kernels import kernel_backend
 from .symmetry import find_permutations
 
 SOLVERS = ("auto", "cholesky", "cg")
+#: largest share of the kernel's columns used as Nyström inducing columns by the CG solver
+PRECONDITIONER_FRACTION = 0.3
 
 
 def _default_memory_bytes(device: torch.device) -> int:
@@ -183,9 +186,16 @@ class SGDML:
             a = _cholesky_solve_inplace(K, y, train.path, self.sigma, self.lam)
             del K
         else:
-            from .solvers import solve
+            from .solvers import preconditioner_bytes, solve
 
-            a, cg_info = solve(op, y, tol=self.tol, max_memory_bytes=budget - op.workspace_bytes(),
+            # as large a Nyström preconditioner as the budget allows, up to 30 % of the columns
+            # (sgdml sizes it by memory too; small ones stall and restart, papers/md22 Fig. 4)
+            # 10 % of the budget is left for what the fit allocates besides the solve
+            spare = int(0.9 * budget) - op.workspace_bytes() - 16 * 8 * op.n
+            k = math.ceil(PRECONDITIONER_FRACTION * op.n)
+            while k > op.block and preconditioner_bytes(op.n, k) > spare:
+                k = int(0.8 * k)
+            a, cg_info = solve(op, y, tol=self.tol, n_inducing=k, max_memory_bytes=spare,
                                checkpoint=self.checkpoint, resume=self.resume,
                                progress=self.progress)
             info.update(cg_info)

@@ -87,12 +87,14 @@ class TrainingKernel:
         self.x0, self.J0 = x[:, 0], self.JP[:, 0]                  # identity ordering
 
     def workspace_bytes(self) -> int:
-        """Bytes of the expanded training set plus one block of kernel rows (besides K)."""
+        """Bytes used besides K or the solver's vectors: the expanded training set, one block of
+        kernel rows (assembly, columns) and one batch of :func:`evaluate` (matvec)."""
         m, s, d = self.x.shape
         expansion = self.x.numel() + self.JP.numel()
         rows = self.rows_per_block * (m * s * (d + 2 * self.block) + self.block * self.n
                                       + m * d * self.block)
-        return 8 * (expansion + 2 * rows)
+        batch = 16 * s * (m * (2 * d + 8) + d * (self.block + 2))
+        return 8 * (expansion + 2 * max(rows, batch))
 
     # ------------------------------------------------------------------ rows of K
     def force_rows(self, frames: torch.Tensor) -> torch.Tensor:
