@@ -36,19 +36,25 @@ def test_python_and_core_agree(ethanol_train, ethanol_test, tmp_path, use_sym):
         assert _rel(w, expected) < 1e-9
 
 
-def test_bundled_potential_matches_python(ethanol_test):
-    """potentials/ethanol_rmd17.gpff: exact model and C++ core agree on 20 test frames."""
+# The energy-trained model's coefficients reach ~1e9 (λ = 1e-10 with energy rows), so its energy
+# and forces are sums of terms ~1e7 times larger than the result: the two summation orders agree
+# to ~2e-9 there, not to 1e-9.
+@pytest.mark.parametrize("name, tol", [("ethanol_rmd17.gpff", 1e-9), ("ethanol_rmd17_best.gpff", 5e-9)])
+def test_bundled_potentials_match_python(ethanol_test, name, tol):
+    """potentials/: exact model and C++ core agree on 20 test frames (σ = 10 force-only model;
+    searched σ, p = 0.47 and energy coefficients)."""
     from conftest import ROOT
 
-    path = ROOT / "potentials" / "ethanol_rmd17.gpff"
+    path = ROOT / "potentials" / name
     model = gpff.load(path)
-    assert model.n_train == 1000 and len(model.perms) == 6 and model.sigma == 10.0
+    assert model.n_train == 1000 and len(model.perms) == 6
     core = SGDMLModel(str(path))
+    assert core.descriptor_exponent == model.p and core.has_energy_coefficients == (model.alpha_E is not None)
     E_py, F_py = model.predict(ethanol_test.R[:20])
     for k in range(20):
         e, f, _ = core.compute(ethanol_test.R[k])
-        assert e == pytest.approx(E_py[k], rel=1e-9)
-        assert _rel(f, F_py[k]) < 1e-9
+        assert e == pytest.approx(E_py[k], rel=tol)
+        assert _rel(f, F_py[k]) < tol
 
 
 def test_ase_calculator_in_ev(ethanol_model, ethanol_model_path, ethanol_test):

@@ -110,11 +110,15 @@ def cmd_info(args) -> dict:
         print(json.dumps(info))
     else:
         for key in ("file", "model", "format_version", "gpff_version", "n_atoms", "species",
-                    "n_perms", "kernel", "descriptor", "sigma", "lam", "units", "n_train",
-                    "molecule_extent"):
+                    "n_perms", "kernel", "descriptor", "descriptor_exponent", "sigma", "lam",
+                    "units", "n_train", "molecule_extent"):
             if key in info:
                 print(f"{key:16s} {info[key]}")
         for key, value in prov.items():
+            if key == "hyperparameter_search":     # the full history is in --json
+                value = (f"σ {value['sigma']:.4g}, p {value['p']:.4g} from a {len(value['grid'])}-point "
+                         f"σ grid and {len(value['gradient'])} gradient steps on "
+                         f"{value['n_sub']}/{value['n_valid']} hold-out frames")
             print(f"{'provenance.' + key:16s} {value}")
     return info
 
