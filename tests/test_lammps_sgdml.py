@@ -192,6 +192,19 @@ def assert_close(a, b, rtol=1e-9, scale=None):
 # --------------------------------------------------------------------------- tests
 
 
+def run0_one_molecule(core, model_path, units, frames, tmp_path):
+    """One molecule (test frame 7, shifted) in a 24 Å box: LAMMPS `run 0` with the model.
+    Returns the positions and run0's (pe, f, virial, eatom, satom, nktv2p)."""
+    elements = type_elements(core)
+    R = frames[7] + np.array([1.3, -0.4, 2.2])
+    data = write_data(tmp_path / "one.data", [R], core.species, (-12.0, 12.0), elements)
+    lmp = new_lammps()
+    lmp.commands_list(setup_lines(units, data, model_path, elements))
+    result = run0(lmp)
+    lmp.close()
+    return R, result
+
+
 def test_plugin_found():
     path = glmp.plugin_path()
     assert path.endswith("plugin.so") and os.path.dirname(path) == glmp.plugin_dir()
@@ -206,13 +219,8 @@ def test_single_molecule_matches_core(request, frames, tmp_path, units, model):
     from gpff._core import SGDMLModel
     sgdml_model_path = request.getfixturevalue(model)
     core = SGDMLModel(sgdml_model_path)
-    elements = type_elements(core)
-    R = frames[7] + np.array([1.3, -0.4, 2.2])
-    data = write_data(tmp_path / "one.data", [R], core.species, (-12.0, 12.0), elements)
-    lmp = new_lammps()
-    lmp.commands_list(setup_lines(units, data, sgdml_model_path, elements))
-    pe, f, virial, eatom, satom, nktv2p = run0(lmp)
-    lmp.close()
+    R, (pe, f, virial, eatom, satom, nktv2p) = run0_one_molecule(core, sgdml_model_path, units,
+                                                                  frames, tmp_path)
 
     e, fc, w = core.compute(R)
     c = factor(core, units)
@@ -495,13 +503,7 @@ def test_rbf_p2_energy_coefficients_match_core(frames, tmp_path, units):
     core = SGDMLModel(path)
     assert (core.kernel, core.descriptor_exponent, core.has_energy_coefficients) == ("rbf", 2.0, True)
 
-    elements = type_elements(core)
-    R = frames[7] + np.array([1.3, -0.4, 2.2])
-    data = write_data(tmp_path / "one.data", [R], core.species, (-12.0, 12.0), elements)
-    lmp = new_lammps()
-    lmp.commands_list(setup_lines(units, data, path, elements))
-    pe, f, virial, _, _, _ = run0(lmp)
-    lmp.close()
+    R, (pe, f, virial, _, _, _) = run0_one_molecule(core, path, units, frames, tmp_path)
 
     e, fc, w = core.compute(R)
     c = factor(core, units)
