@@ -81,3 +81,19 @@ def test_validation_file(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["validation"]["n_frames"] == 40 and summary["validation"]["file"] == "valid.npz"
     assert summary["sigma"] in (3.0, 10.0)
+
+
+def test_default_search_and_energies(tmp_path, capsys):
+    """No σ given: σ and p are searched on hold-out training frames, energies are trained on."""
+    model = tmp_path / "d.gpff"
+    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "60", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["use_energies"] is True and summary["solver"]["solver"] == "cholesky"
+    assert main(["info", str(model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    search = info["provenance"]["hyperparameter_search"]
+    assert (search["n_sub"], search["n_valid"]) == (30, 30) and len(search["grid"]) == 6
+    assert info["sigma"] == pytest.approx(search["sigma"]) and info["descriptor_exponent"] == pytest.approx(search["p"])
+    best = min(search["gradient"], key=lambda g: g["force_rmse"])
+    assert best["sigma"] == pytest.approx(search["sigma"])
+    assert not (tmp_path / "d.gpff.ckpt").exists()

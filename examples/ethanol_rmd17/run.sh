@@ -10,8 +10,8 @@ STEPS=${GPFF_STEPS:-20000}
 BIN=$ROOT/.venv/bin
 mkdir -p "$OUT"
 
-echo "== train sGDML on rMD17 ethanol split 01 (1000 frames, sigma = 10)"
-"$BIN/gpff" train sgdml "$ROOT/data/rmd17/rmd17_ethanol_train_01.npz" -o "$OUT/ethanol.gpff" --sigma 10
+echo "== train sGDML on rMD17 ethanol split 01 (1000 frames; default σ/p search, energies + forces)"
+"$BIN/gpff" train sgdml "$ROOT/data/rmd17/rmd17_ethanol_train_01.npz" -o "$OUT/ethanol.gpff"
 
 echo "== test on the 1000 frames of split 01 test (C++ core)"
 "$BIN/gpff" test "$OUT/ethanol.gpff" "$ROOT/data/rmd17/rmd17_ethanol_test_01.npz" --plot "$OUT/parity.png"
