@@ -16,12 +16,6 @@ def pair_indices(n_atoms: int, device=None) -> tuple[torch.Tensor, torch.Tensor]
     return ij[0], ij[1]
 
 
-def inverse_distance(R: torch.Tensor, p: float = 1.0) -> torch.Tensor:
-    """Inverse-distance descriptor x (..., D) of positions R (..., N, 3) in Å (x in Å^-p)."""
-    i, j = pair_indices(R.shape[-2], R.device)
-    return torch.linalg.vector_norm(R[..., i, :] - R[..., j, :], dim=-1) ** (-p)
-
-
 def inverse_distance_jacobian(R: torch.Tensor, p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Descriptor and its Jacobian.
 

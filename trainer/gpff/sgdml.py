@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset
-from .descriptor import inverse_distance_jacobian, pair_indices
+from .descriptor import pair_indices
 from .errors import DatasetError, GpffError, SpeciesError, TrainingError
 from .sgdml_kernel import TrainingKernel
 from .ad_kernels import kernel_backend
@@ -200,10 +200,9 @@ class SGDML:
                                progress=self.progress)
             info.update(cg_info)
         alpha = a[:op.nf].reshape(R.shape)
-        x, J = inverse_distance_jacobian(R, self.p)                  # (M, D), (M, D, 3N)
         self.z = z.astype(np.int32)
-        self.R_desc = x.cpu().numpy()
-        self.R_d_desc_alpha = torch.einsum("mdl,ml->md", J, alpha.reshape(len(R), -1)).cpu().numpy()
+        self.R_desc = op.x0.cpu().numpy()                              # identity ordering: x(R_m), J(R_m)
+        self.R_d_desc_alpha = torch.einsum("mdl,ml->md", op.J0, alpha.reshape(len(R), -1)).cpu().numpy()
         self.alpha_E = a[op.nf:, 0].cpu().numpy() if self.use_energies else None
         self.energy_unit = train.energy_unit
         self.integration_constant = c
