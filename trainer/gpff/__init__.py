@@ -18,9 +18,12 @@ from .errors import (DatasetError, GpffError, ModelFileError, SpeciesError,  # n
 
 __version__ = "0.1.0"
 
-_LAZY = {"Dataset": "data", "load_dataset": "data", "load": "modelfile", "SGDML": "sgdml"}
+_LAZY = {"Dataset": "data", "load_dataset": "data", "load": "modelfile", "SGDML": "sgdml",
+         "Configurations": "data", "load_configurations": "data", "NBodyGP": "nbody",
+         "MappedForceField": "mapping", "map_gp": "mapping"}
 
-__all__ = ["Dataset", "load_dataset", "load", "SGDML", "GpffError", "DatasetError",
+__all__ = ["Dataset", "load_dataset", "load", "SGDML", "Configurations", "load_configurations",
+           "NBodyGP", "MappedForceField", "map_gp", "GpffError", "DatasetError",
            "ModelFileError", "SpeciesError", "TrainingError", "UnitError", "__version__"]
 
 

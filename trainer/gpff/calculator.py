@@ -1,13 +1,14 @@
 """ASE calculator for gpff models, evaluated by the C++ inference core (gpff._core).
 
     from gpff.calculator import GPFFCalculator
-    atoms.calc = GPFFCalculator("ethanol.gpff")
+    atoms.calc = GPFFCalculator("ethanol.gpff")      # or a mapped force field, "Si.gpff"
     atoms.get_potential_energy()   # eV
     atoms.get_forces()             # (N, 3) eV/Å
 
-Source: energies, forces and virials come from the C++ core (plugin/core/sgdml.cpp; the equations
-are in docs/model_file.md) through the Cython binding gpff._core; they are converted from the
-model's energy unit (kcal/mol or eV) to ASE's units with gpff.units.energy_factor.
+Source: energies, forces and virials come from the C++ core (plugin/core/sgdml.cpp,
+plugin/core/mff.cpp; the equations are in docs/model_file.md and docs/mff.md) through the Cython
+binding gpff._core; they are converted from the model's energy unit (kcal/mol or eV) to ASE's
+units with gpff.units.energy_factor.
 """
 
 import os
@@ -20,7 +21,7 @@ from .units import energy_factor, virial_to_stress
 
 
 class GPFFCalculator(Calculator):
-    """ASE calculator for an sGDML `.gpff` model (one molecule; atoms in the model's atom order).
+    """ASE calculator for a `.gpff` model: sGDML (one molecule) or mapped force field (mff).
 
     Parameters
     ----------
@@ -37,19 +38,25 @@ class GPFFCalculator(Calculator):
         periodic cell (stress = -W / V from the molecule's virial W, gpff.units.virial_to_stress);
         an isolated (non-periodic) molecule has no stress.
 
-    The Atoms' atomic numbers must equal the model's, in the model's atom order; otherwise
+    energies : (N,) float, eV -- per-atom energies (mff models only)
+
+    sGDML: the Atoms' atomic numbers must equal the model's, in the model's atom order; otherwise
     gpff.errors.SpeciesError names the model file and the first mismatch. Positions are taken
     as given (the molecule must be unwrapped; no periodic images are used).
+    mff: any number of atoms of the model's species, periodic (any cell shape, periodic images
+    within the cutoff included) or not; an element the model lacks raises SpeciesError.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model, **kwargs):
         from . import _core  # compiled extension; imported here so gpff imports without it
+        from .modelfile import model_kind
 
         Calculator.__init__(self, **kwargs)
         self.model_path = os.fspath(model)
-        self.model = _core.SGDMLModel(self.model_path)
+        self.kind = model_kind(self.model_path)
+        self.model = (_core.MFFModel if self.kind == "mff" else _core.SGDMLModel)(self.model_path)
         #: factor from the model's energy unit to eV
         self.energy_factor = energy_factor(self.model.energy_unit, "eV")
 
@@ -71,8 +78,14 @@ class GPFFCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
-        self._check_species(atoms)
-        energy, forces, virial = self.model.compute(np.asarray(atoms.get_positions(), dtype=float))
+        if self.kind == "mff":
+            from .evaluate import mff_compute
+
+            energy, energies, forces, virial = mff_compute(self.model, atoms)
+            self.results["energies"] = energies * self.energy_factor
+        else:
+            self._check_species(atoms)
+            energy, forces, virial = self.model.compute(np.asarray(atoms.get_positions(), dtype=float))
         k = self.energy_factor
         self.results["energy"] = energy * k
         self.results["free_energy"] = energy * k
@@ -85,4 +98,4 @@ class GPFFCalculator(Calculator):
 
                 raise PropertyNotImplementedError(
                     f"{self.model_path}: stress is defined only for a 3-D periodic cell; "
-                    "this molecule is isolated")
+                    "these atoms are not periodic in 3-D")

@@ -1,4 +1,5 @@
-"""The ``gpff`` command line: ``gpff train sgdml``, ``gpff test``, ``gpff info``.
+"""The ``gpff`` command line: ``gpff train sgdml|nbody``, ``gpff test``, ``gpff info``,
+``gpff export-table``.
 
 Each subcommand is a thin function over the Python API; errors are gpff exceptions, reported on
 stderr by :func:`main` with exit status 2.
@@ -77,10 +78,93 @@ def cmd_train_sgdml(args) -> dict:
     return summary
 
 
+def cmd_train_nbody(args) -> dict:
+    import time
+
+    from .data import load_configurations, split_indices
+    from .errors import DatasetError
+    from .mapping import map_gp
+    from .nbody import NBodyGP
+
+    data = load_configurations(args.data, energy_unit=args.energy_unit)
+    n = len(data.frames)
+    n_train = min(args.n_train or n, n)
+    if n_train < 1:
+        raise DatasetError(f"{args.data}: no configurations to train on")
+    train = data.subset(split_indices(n, [n_train], args.seed)[0])
+    order = args.order if args.order == "many" else int(args.order)
+    options = {k: v for k, v in dict(
+        length_scale_2=args.length_scale_2, length_scale_3=args.length_scale_3,
+        sigma_2=args.sigma_2, sigma_3=args.sigma_3, sigma_energy=args.sigma_energy,
+        sigma_force=args.sigma_force).items() if v is not None}
+    model = NBodyGP(order=order, cutoff=args.cutoff, cutoff_3body=args.cutoff_3body,
+                    cutoff_width=args.cutoff_width, device=args.device,
+                    progress=not args.quiet, **options)
+    start = time.perf_counter()
+    if not args.no_optimize:
+        model.optimize(train, n_envs=args.n_envs_optimize, seed=args.seed)
+    model.fit(train, n_envs=args.n_envs, seed=args.seed)
+    fit_seconds = time.perf_counter() - start
+    check = [train.frames[k] for k in split_indices(n_train, [min(5, n_train)], args.seed + 1)[0]]
+    mapped = map_gp(model, train.frames, map_error=args.map_error, n_points=args.grid,
+                    n_points_3body=args.grid_3body, check_frames=check)
+    mapped.provenance = {"data": os.path.basename(data.path), "sha256": data.sha256,
+                         "n_configurations": n_train, "n_atoms": int(train.n_atoms_total),
+                         "n_envs": model.n_force_envs, "seed": args.seed,
+                         "train_seconds": round(fit_seconds, 1),
+                         "total_seconds": round(time.perf_counter() - start, 1)}
+    mapped.save(args.output)
+    summary = {"model": os.fspath(args.output), "order": mapped.order, "species": mapped.species,
+               "cutoff": mapped.cutoff, "cutoff_3body": mapped.cutoff_3body,
+               "hyperparameters": mapped.hyperparameters, "mapping_error": mapped.mapping_error,
+               **mapped.provenance}
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def cmd_export_table(args) -> dict:
+    from .errors import ModelFileError
+    from .modelfile import load
+    from .table import write_pair_table
+
+    model = load(args.model)
+    if model.metadata.get("model") != "mff":
+        raise ModelFileError(f"{args.model}: only mapped force fields (mff) have a 2-body table")
+    output = args.output or os.path.splitext(os.fspath(args.model))[0] + ".table"
+    keywords = write_pair_table(model, output, args.n_points, source=os.fspath(args.model))
+    info = {"table": output, "keywords": keywords, "cutoff": model.cutoff,
+            "energy_unit": model.energy_unit, "includes_3body": False}
+    print(json.dumps(info))
+    return info
+
+
+def _test_mff(args) -> dict:
+    from .data import load_configurations
+    from .evaluate import evaluate_mff
+
+    configs = load_configurations(args.data, energy_unit=args.energy_unit)
+    if args.n:
+        configs = configs.subset(np.arange(min(args.n, len(configs.frames))))
+    res = evaluate_mff(args.model, configs, plot=args.plot)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        eu = res["energy_unit"]
+        print(f"{res['n_frames']} configurations ({res['n_atoms']} atoms) of {res['data']}")
+        if res["energy_mae"] is not None:
+            print(f"energy MAE {res['energy_mae']:.5f} {eu}/atom   RMSE {res['energy_rmse']:.5f} {eu}/atom")
+        if res["force_mae"] is not None:
+            print(f"force  MAE {res['force_mae']:.5f} {eu}/Å      RMSE {res['force_rmse']:.5f} {eu}/Å")
+    return res
+
+
 def cmd_test(args) -> dict:
     from .data import load_dataset
     from .evaluate import evaluate_model
+    from .modelfile import read_model_file
 
+    if read_model_file(args.model)[0].get("model") == "mff":
+        return _test_mff(args)
     data = load_dataset(args.data, energy_unit=args.energy_unit)
     if args.n:
         data = data.subset(np.arange(min(args.n, data.n_frames)))
@@ -111,7 +195,8 @@ def cmd_info(args) -> dict:
     else:
         for key in ("file", "model", "format_version", "gpff_version", "n_atoms", "species",
                     "n_perms", "kernel", "descriptor", "descriptor_exponent", "sigma", "lam",
-                    "units", "n_train", "molecule_extent"):
+                    "units", "n_train", "molecule_extent", "order", "cutoff", "cutoff_3body",
+                    "cutoff_width", "energy_offsets", "hyperparameters", "mapping_error"):
             if key in info:
                 print(f"{key:16s} {info[key]}")
         for key, value in prov.items():
@@ -155,6 +240,45 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--energy-unit", help="override the dataset's energy unit")
     sg.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sg.set_defaults(func=cmd_train_sgdml)
+
+    nb = kinds.add_parser("nbody", help="local 2-/3-body GP mapped onto splines (MFF)")
+    nb.add_argument("data", help="any ASE file (extxyz, ...) with energies and/or forces, eV and Å")
+    nb.add_argument("-o", "--output", required=True, help="model file to write (.gpff)")
+    nb.add_argument("--order", choices=["2", "3"], default="3",
+                    help="2: 2-body; 3: 2-body + 3-body (default)")
+    nb.add_argument("--cutoff", type=float, default=5.0, help="2-body cutoff r_c, Å (default 5)")
+    nb.add_argument("--cutoff-3body", type=float, default=3.5, help="3-body cutoff r_c3, Å (default 3.5)")
+    nb.add_argument("--cutoff-width", type=float, default=1.0,
+                    help="width d of the smooth cutoff function, Å (default 1)")
+    nb.add_argument("--n-train", type=int, help="training configurations (default all)")
+    nb.add_argument("--n-envs", type=int, default=1000,
+                    help="force environments (atoms, drawn at random) used in training (default 1000)")
+    nb.add_argument("--n-envs-optimize", type=int, default=200,
+                    help="force environments used by the marginal-likelihood optimisation (default 200)")
+    nb.add_argument("--length-scale-2", type=float, help="ℓ₂, Å (default: optimised)")
+    nb.add_argument("--length-scale-3", type=float, help="ℓ₃, Å (default: optimised)")
+    nb.add_argument("--sigma-2", type=float, help="2-body signal σ₂ (default: optimised)")
+    nb.add_argument("--sigma-3", type=float, help="3-body signal σ₃ (default: optimised)")
+    nb.add_argument("--sigma-energy", type=float, help="energy noise per atom (default: optimised)")
+    nb.add_argument("--sigma-force", type=float, help="force noise (default: optimised)")
+    nb.add_argument("--no-optimize", action="store_true",
+                    help="keep the given/default hyperparameters (no marginal-likelihood optimisation)")
+    nb.add_argument("--map-error", type=float, default=1e-4,
+                    help="target mapping error: largest table-gradient error, energy/Å (default 1e-4)")
+    nb.add_argument("--grid", type=int, help="fixed 2-body grid points (instead of --map-error)")
+    nb.add_argument("--grid-3body", type=int, help="fixed 3-body grid points per r_ij axis")
+    nb.add_argument("--seed", type=int, default=0, help="seed of the selections")
+    nb.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    nb.add_argument("--energy-unit", help="override the dataset's energy unit")
+    nb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    nb.set_defaults(func=cmd_train_nbody)
+
+    export = sub.add_parser("export-table", help="write the 2-body part of an mff model as a "
+                            "LAMMPS pair_style table file")
+    export.add_argument("model")
+    export.add_argument("-o", "--output", help="table file (default MODEL.table)")
+    export.add_argument("--n-points", type=int, help="points per pair (default: the model's grid)")
+    export.set_defaults(func=cmd_export_table)
 
     test = sub.add_parser("test", help="errors of a model on a dataset (through the C++ core)")
     test.add_argument("model")

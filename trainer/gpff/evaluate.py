@@ -40,6 +40,60 @@ def predict_with_core(model_path, R) -> tuple[np.ndarray, np.ndarray]:
     return E, F
 
 
+def mff_compute(core, atoms):
+    """Energy, per-atom energies (N,), forces (N, 3) and virial (6,) of one configuration from a
+    C++ core `MFFModel`.
+
+    The neighbour list (all periodic images within the model's largest cutoff) comes from
+    ase.neighborlist; the core evaluates the tables (docs/mff.md). Energies in the model's unit.
+    Raises SpeciesError for an element the model lacks.
+    """
+    from ase.neighborlist import neighbor_list
+
+    index = {s: k for k, s in enumerate(core.species)}
+    symbols = atoms.get_chemical_symbols()
+    missing = sorted(set(symbols) - set(index))
+    if missing:
+        raise SpeciesError(f"{core.path}: the configuration contains {', '.join(missing)}; the "
+                           f"model has {', '.join(core.species)}")
+    species = np.array([index[s] for s in symbols], dtype=np.int32)
+    i, j, D = neighbor_list("ijD", atoms, core.max_cutoff)
+    return core.compute(species, i.astype(np.int32), j.astype(np.int32),
+                        np.ascontiguousarray(D, dtype=np.float64))[:4]
+
+
+def evaluate_mff(model_path, configs, plot: str | None = None) -> dict:
+    """Errors of a mapped force field on configurations (gpff.data.Configurations).
+
+    Returns dict: n_frames, n_atoms, energy_mae / energy_rmse per atom (None without energies),
+    force_mae / force_rmse over all components, units, model and data paths.
+    """
+    from ._core import MFFModel
+
+    core = MFFModel(os.fspath(model_path))
+    k = energy_factor(configs.energy_unit, core.energy_unit)
+    results = [mff_compute(core, atoms) for atoms in configs.frames]
+    n_atoms = np.array([len(a) for a in configs.frames])
+    F = np.concatenate([r[2] for r in results])
+    F_ref = None if configs.forces is None else np.concatenate(configs.forces) * k
+    out = {"n_frames": len(results), "n_atoms": int(n_atoms.sum()), "energy_mae": None,
+           "energy_rmse": None, "force_mae": None, "force_rmse": None,
+           "energy_unit": core.energy_unit, "length_unit": "Angstrom",
+           "model": os.fspath(model_path), "data": configs.path}
+    E = np.array([r[0] for r in results])
+    E_ref = None if configs.energies is None else np.asarray(configs.energies) * k
+    if E_ref is not None:
+        dE = (E - E_ref) / n_atoms
+        out.update(energy_mae=float(np.mean(np.abs(dE))), energy_rmse=float(np.sqrt(np.mean(dE ** 2))))
+    if F_ref is not None:
+        dF = F - F_ref
+        out.update(force_mae=float(np.mean(np.abs(dF))), force_rmse=float(np.sqrt(np.mean(dF ** 2))))
+    if plot:
+        parity_plot(plot, None if E_ref is None else E / n_atoms,
+                    None if E_ref is None else E_ref / n_atoms, F, F_ref, core.energy_unit)
+    return out
+
+
 def evaluate_model(model_path, data: Dataset, plot: str | None = None) -> dict:
     """Errors of the model in `model_path` on `data`, in the model's units.
 

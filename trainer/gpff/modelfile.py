@@ -65,6 +65,56 @@ def save_sgdml(model, path) -> None:
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"gpff": json.dumps(meta)}))
 
 
+def save_mff(model, path) -> None:
+    """Write a :class:`gpff.mapping.MappedForceField` to `path` (docs/mff.md)."""
+    from safetensors.numpy import save_file
+
+    sp = model.species
+    tensors, pair_tables, triplet_tables = {}, [], []
+    for (a, b), (coef, axis) in sorted(model.pair_tables.items()):
+        name = f"pair_{sp[a]}_{sp[b]}"
+        tensors[name] = np.ascontiguousarray(coef, dtype=np.float64)
+        pair_tables.append({"species": [sp[a], sp[b]], "tensor": name, "r_min": axis.start,
+                            "spacing": axis.spacing, "n_points": axis.n_points})
+    for (c, j, k), (coef, axes) in sorted(model.triplet_tables.items()):
+        name = f"triplet_{sp[c]}_{sp[j]}_{sp[k]}"
+        tensors[name] = np.ascontiguousarray(coef, dtype=np.float64)
+        triplet_tables.append({"species": [sp[c], sp[j], sp[k]], "tensor": name,
+                               "grid": [ax.to_json() for ax in axes]})
+    meta = {
+        "format_version": FORMAT_VERSION, "model": "mff", "gpff_version": _version(),
+        "units": {"energy": model.energy_unit, "length": "Angstrom"}, "species": sp,
+        "order": model.order, "cutoff": model.cutoff, "cutoff_width": model.cutoff_width,
+        "energy_offsets": [float(e) for e in model.energy_offsets],
+        "pair_tables": pair_tables, "hyperparameters": model.hyperparameters,
+        "mapping_error": model.mapping_error, "provenance": model.provenance,
+    }
+    if model.order == 3:
+        meta["cutoff_3body"] = model.cutoff_3body
+        meta["triplet_tables"] = triplet_tables
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"gpff": json.dumps(meta)}))
+
+
+def model_kind(path) -> str:
+    """The ``model`` entry ("sgdml", "mff") of a `.gpff` file, reading only its header.
+
+    Raises ModelFileError naming the file when it is missing or not a gpff model file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with safe_open(path, framework="numpy") as fh:
+            meta = json.loads((fh.metadata() or {}).get("gpff", "null"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFileError(f"{path}: not a valid .gpff (safetensors) file: {err}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise ModelFileError(f"{path}: no gpff metadata with a model kind: not a gpff model file")
+    return meta["model"]
+
+
 def read_model_file(path):
     """Metadata document (dict) and tensors (dict of numpy arrays) of a `.gpff` file.
 
@@ -141,7 +191,81 @@ def load_sgdml(path, meta, tensors):
     return model
 
 
-_LOADERS = {"sgdml": load_sgdml}
+def _axis(path, spec, what):
+    from .bspline import Axis
+
+    try:
+        axis = Axis(float(spec["min"]), float(spec["spacing"]), int(spec["n_points"]))
+    except (KeyError, TypeError, ValueError):
+        raise ModelFileError(f"{path}: {what}: grid needs numbers min, spacing, n_points") from None
+    if not (axis.n_points >= 4 and axis.spacing > 0 and np.isfinite(axis.start)
+            and np.isfinite(axis.spacing)):
+        raise ModelFileError(f"{path}: {what}: invalid grid {spec} (n_points >= 4, spacing > 0)")
+    return axis
+
+
+def _table(path, tensors, entry, index, arity, what):
+    """(species-index key, coefficient tensor) of one table entry, validated."""
+    try:
+        key = tuple(index[s] for s in entry["species"])
+        coef = tensors[entry["tensor"]]
+    except KeyError as err:
+        raise ModelFileError(f"{path}: {what} {entry.get('species')}: unknown species or missing "
+                             f"tensor {err}") from None
+    if len(key) != arity:
+        raise ModelFileError(f"{path}: {what} {entry['species']}: needs {arity} species")
+    if not np.all(np.isfinite(coef)):
+        raise ModelFileError(f"{path}: {what} {entry['species']}: coefficients contain NaN or inf")
+    return key, coef
+
+
+def load_mff(path, meta, tensors):
+    """Rebuild a :class:`gpff.mapping.MappedForceField` from a file's metadata and tensors."""
+    import itertools
+
+    from .mapping import MappedForceField
+
+    _require(path, meta, tensors, ("species", "order", "cutoff", "cutoff_width", "energy_offsets",
+                                   "pair_tables", "units"), ())
+    species, order = list(meta["species"]), meta["order"]
+    index = {s: i for i, s in enumerate(species)}
+    if order not in (2, 3):
+        raise ModelFileError(f"{path}: order {order!r} is not 2 or 3")
+    if len(meta["energy_offsets"]) != len(species):
+        raise ModelFileError(f"{path}: {len(meta['energy_offsets'])} energy_offsets for "
+                             f"{len(species)} species")
+    pairs, triplets = {}, {}
+    for entry in meta["pair_tables"]:
+        key, coef = _table(path, tensors, entry, index, 2, "pair table")
+        axis = _axis(path, {"min": entry.get("r_min"), "spacing": entry.get("spacing"),
+                            "n_points": entry.get("n_points")}, f"pair table {entry['species']}")
+        if coef.shape != (axis.n_points + 2,) or key[0] > key[1]:
+            raise ModelFileError(f"{path}: pair table {entry['species']}: shape {coef.shape} or "
+                                 f"species order does not match the grid")
+        pairs[key] = (coef, axis)
+    for entry in meta.get("triplet_tables", []) if order == 3 else []:
+        key, coef = _table(path, tensors, entry, index, 3, "triplet table")
+        grid = entry.get("grid")
+        if not isinstance(grid, list) or len(grid) != 3:
+            raise ModelFileError(f"{path}: triplet table {entry['species']}: grid needs 3 axes")
+        axes = tuple(_axis(path, g, f"triplet table {entry['species']}") for g in grid)
+        if coef.shape != tuple(a.n_points + 2 for a in axes) or key[1] > key[2]:
+            raise ModelFileError(f"{path}: triplet table {entry['species']}: shape {coef.shape} or "
+                                 f"species order does not match the grid")
+        triplets[key] = (coef, axes)
+    n = len(species)
+    want_pairs = set(itertools.combinations_with_replacement(range(n), 2))
+    want_triplets = {(c, j, k) for c in range(n) for j, k in want_pairs} if order == 3 else set()
+    if set(pairs) != want_pairs or set(triplets) != want_triplets:
+        raise ModelFileError(f"{path}: the tables do not cover every species pair"
+                             f"{' and triplet' if order == 3 else ''} exactly once")
+    return MappedForceField(species, order, meta["cutoff"], meta["cutoff_width"],
+                            meta["energy_offsets"], pairs, triplets, meta.get("cutoff_3body"),
+                            meta["units"]["energy"], meta.get("hyperparameters"),
+                            meta.get("mapping_error"), meta.get("provenance"))
+
+
+_LOADERS = {"sgdml": load_sgdml, "mff": load_mff}
 
 
 def load(path):
