@@ -6,6 +6,7 @@
  */
 #include "lammpsplugin.h"
 
+#include "pair_mff.h"
 #include "pair_sgdml.h"
 
 using namespace LAMMPS_NS;
@@ -21,6 +22,11 @@ namespace {
 Pair *pair_sgdml_creator(LAMMPS *lmp)
 {
   return new PairSGDML(lmp);
+}
+
+Pair *pair_mff_creator(LAMMPS *lmp)
+{
+  return new PairMFF(lmp);
 }
 }    // namespace
 
@@ -38,5 +44,10 @@ extern "C" __attribute__((visibility("default"))) void lammpsplugin_init(void *l
   plugin.author = "gpff developers";
   plugin.creator.v1 = (lammpsplugin_factory1 *) &pair_sgdml_creator;
   plugin.handle = handle;
+  (*register_plugin)(&plugin, lmp);
+
+  plugin.name = "mff";
+  plugin.info = "gpff " GPFF_VERSION " mapped force field pair style (2-body + 3-body B-spline tables)";
+  plugin.creator.v1 = (lammpsplugin_factory1 *) &pair_mff_creator;
   (*register_plugin)(&plugin, lmp);
 }

@@ -302,7 +302,7 @@ def map_gp(model, frames, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3
         cutoff_width=model.cutoff_width, r_min=r_min,
         energy_offsets=[model.energy_offsets[s] for s in model.species],
         energy_unit=model.energy_unit, map_error=map_error, n_points=n_points,
-        n_points_3body=n_points_3body, hyperparameters=model.hyperparameters())
+        n_points_3body=n_points_3body, hyperparameters=model.hyperparameters)
     mapped.mapping_error["r_min"] = r_min
     if check_frames:
         exact = model.predict(check_frames)
