@@ -63,52 +63,113 @@ cdef extern from *:
     """
     #include <new>
     #include <string>
+    #include "mff.h"
     #include "sgdml.h"
 
-    /* status: 0 ok, 1 gpff::Error, 2 out of memory, 3 other C++ exception */
-    static gpff::SGDMLModel *gpff_core_load(const std::string &path, int *status,
-                                            std::string *message) noexcept
+    /* status of the C++ exception being handled (call it in a catch block): 1 gpff::Error, 2 out
+       of memory, 3 other C++ exception; the message of the last two starts with `prefix`, an
+       out-of-memory one is prefix + oom */
+    static void gpff_core_status(const std::string &prefix, const char *oom, int *status,
+                                 std::string *message) noexcept
     {
-      *status = 0;
       try {
-        return new gpff::SGDMLModel(path);
+        throw;
       } catch (const gpff::Error &e) {
         *status = 1; *message = e.what();
       } catch (const std::bad_alloc &) {
-        *status = 2; *message = path + ": out of memory while loading the model";
+        *status = 2; *message = prefix + oom;
       } catch (const std::exception &e) {
-        *status = 3; *message = path + ": " + e.what();
+        *status = 3; *message = prefix + e.what();
       } catch (...) {
-        *status = 3; *message = path + ": unknown C++ exception";
+        *status = 3; *message = prefix + "unknown C++ exception";
       }
-      return nullptr;
     }
 
-    static double gpff_core_compute(const gpff::SGDMLModel *model, const double *x, double *f,
-                                    double *virial, int *status, std::string *message) noexcept
+    /* *model: the model loaded from path, nullptr on failure; status: 0 ok, else as
+       gpff_core_status; messages "<path>: <problem>" */
+    template <class Model>
+    static void gpff_core_load(const std::string &path, Model **model, int *status,
+                               std::string *message) noexcept
+    {
+      *status = 0;
+      *model = nullptr;
+      try {
+        *model = new Model(path);
+      } catch (...) {
+        gpff_core_status(path + ": ", "out of memory while loading the model", status, message);
+      }
+    }
+
+    static double gpff_sgdml_compute(const gpff::SGDMLModel *model, const double *x, double *f,
+                                     double *virial, int *status, std::string *message) noexcept
     {
       *status = 0;
       try {
         return model->compute(x, f, virial, nullptr);
-      } catch (const gpff::Error &e) {
-        *status = 1; *message = e.what();
-      } catch (const std::bad_alloc &) {
-        *status = 2; *message = "out of memory";
-      } catch (const std::exception &e) {
-        *status = 3; *message = e.what();
       } catch (...) {
-        *status = 3; *message = "unknown C++ exception";
+        gpff_core_status("", "out of memory", status, message);
+      }
+      return 0.0;
+    }
+
+    static double gpff_mff_compute(const gpff::MFFModel *model, int64_t n_atoms,
+                                   const int32_t *species, int64_t n_pairs, const int64_t *i,
+                                   const int64_t *j, const double *d, double *energies,
+                                   double *forces, double *virial, double *atom_virial,
+                                   int *status, std::string *message) noexcept
+    {
+      *status = 0;
+      try {
+        return model->compute(n_atoms, species, n_pairs, i, j, d, energies, forces, virial,
+                              atom_virial);
+      } catch (...) {
+        gpff_core_status("", "out of memory", status, message);
       }
       return 0.0;
     }
     """
-    CSGDMLModel *gpff_core_load(const string &path, int *status, string *message) nogil
-    double gpff_core_compute(const CSGDMLModel *model, const double *x, double *f, double *virial,
-                             int *status, string *message) nogil
+    void gpff_core_load[M](const string &path, M **model, int *status, string *message) nogil
+    double gpff_sgdml_compute(const CSGDMLModel *model, const double *x, double *f,
+                              double *virial, int *status, string *message) nogil
+    double gpff_mff_compute(const CMFFModel *model, int64_t n_atoms, const int32_t *species,
+                            int64_t n_pairs, const int64_t *i, const int64_t *j, const double *d,
+                            double *energies, double *forces, double *virial,
+                            double *atom_virial, int *status, string *message) nogil
 
 
 cdef str _text(const string &s):
     return s.decode("utf-8", "replace")
+
+
+cdef list _texts(vector[string] names):
+    return [_text(name) for name in names]
+
+
+cdef int _check_status(int status, const string &message, error) except -1:
+    """Raise for a failed call of a wrapper above: MemoryError (status 2), else `error`."""
+    if status == 2:
+        raise MemoryError(_text(message))
+    if status != 0:
+        raise error(_text(message))
+    return 0
+
+
+ctypedef fused CModel:
+    CSGDMLModel
+    CMFFModel
+
+
+cdef CModel *_load(CModel *kind, path) except NULL:
+    """The model of type CModel (kind: a NULL pointer of that type) loaded from `path` (str or
+    os.PathLike), without the GIL; raises ModelFileError (MemoryError) when it cannot be."""
+    cdef string cpath = os.fsencode(path)
+    cdef int status = 0
+    cdef string message
+    cdef CModel *model = NULL
+    with nogil:
+        gpff_core_load(cpath, &model, &status, &message)
+    _check_status(status, message, ModelFileError)
+    return model
 
 
 def kernel_isa() -> str:
@@ -128,15 +189,7 @@ cdef class SGDMLModel:
     cdef CSGDMLModel *_model
 
     def __cinit__(self, path):
-        cdef string cpath = os.fsencode(path)
-        cdef int status = 0
-        cdef string message
-        with nogil:
-            self._model = gpff_core_load(cpath, &status, &message)
-        if status == 2:
-            raise MemoryError(_text(message))
-        if status != 0 or self._model == NULL:
-            raise ModelFileError(_text(message))
+        self._model = _load(<CSGDMLModel *> NULL, path)
 
     def __dealloc__(self):
         del self._model
@@ -144,8 +197,7 @@ cdef class SGDMLModel:
     @property
     def path(self) -> str:
         """The file the model was loaded from."""
-        cdef bytes p = self._model.path()
-        return os.fsdecode(p)
+        return os.fsdecode(self._model.path())
 
     @property
     def n_atoms(self) -> int:
@@ -160,8 +212,7 @@ cdef class SGDMLModel:
     @property
     def species(self) -> list:
         """Element symbols (N), model atom order."""
-        cdef vector[string] names = self._model.species()
-        return [_text(name) for name in names]
+        return _texts(self._model.species())
 
     @property
     def energy_unit(self) -> str:
@@ -240,69 +291,13 @@ cdef class SGDMLModel:
         cdef string message
         cdef double energy
         with nogil:
-            energy = gpff_core_compute(self._model, &x[0, 0], &f[0, 0], &w[0], &status, &message)
-        if status == 2:
-            raise MemoryError(_text(message))
-        if status != 0:
-            raise ValueError(_text(message))
+            energy = gpff_sgdml_compute(self._model, &x[0, 0], &f[0, 0], &w[0], &status,
+                                        &message)
+        _check_status(status, message, ValueError)
         return energy, forces, virial
 
 
 # ---- mapped force fields (docs/mff.md) ----------------------------------------------------------
-
-cdef extern from *:
-    """
-    #include <new>
-    #include <string>
-    #include "mff.h"
-
-    /* status: 0 ok, 1 gpff::Error, 2 out of memory, 3 other C++ exception */
-    static gpff::MFFModel *gpff_mff_load(const std::string &path, int *status,
-                                         std::string *message) noexcept
-    {
-      *status = 0;
-      try {
-        return new gpff::MFFModel(path);
-      } catch (const gpff::Error &e) {
-        *status = 1; *message = e.what();
-      } catch (const std::bad_alloc &) {
-        *status = 2; *message = path + ": out of memory while loading the model";
-      } catch (const std::exception &e) {
-        *status = 3; *message = path + ": " + e.what();
-      } catch (...) {
-        *status = 3; *message = path + ": unknown C++ exception";
-      }
-      return nullptr;
-    }
-
-    static double gpff_mff_compute(const gpff::MFFModel *model, int64_t n_atoms,
-                                   const int32_t *species, int64_t n_pairs, const int64_t *i,
-                                   const int64_t *j, const double *d, double *energies,
-                                   double *forces, double *virial, double *atom_virial,
-                                   int *status, std::string *message) noexcept
-    {
-      *status = 0;
-      try {
-        return model->compute(n_atoms, species, n_pairs, i, j, d, energies, forces, virial,
-                              atom_virial);
-      } catch (const gpff::Error &e) {
-        *status = 1; *message = e.what();
-      } catch (const std::bad_alloc &) {
-        *status = 2; *message = "out of memory";
-      } catch (const std::exception &e) {
-        *status = 3; *message = e.what();
-      } catch (...) {
-        *status = 3; *message = "unknown C++ exception";
-      }
-      return 0.0;
-    }
-    """
-    CMFFModel *gpff_mff_load(const string &path, int *status, string *message) nogil
-    double gpff_mff_compute(const CMFFModel *model, int64_t n_atoms, const int32_t *species,
-                            int64_t n_pairs, const int64_t *i, const int64_t *j, const double *d,
-                            double *energies, double *forces, double *virial,
-                            double *atom_virial, int *status, string *message) nogil
-
 
 cdef class MFFModel:
     """A mapped force field (model kind "mff", docs/mff.md) loaded from a `.gpff` file by the C++
@@ -317,15 +312,7 @@ cdef class MFFModel:
     cdef CMFFModel *_model
 
     def __cinit__(self, path):
-        cdef string cpath = os.fsencode(path)
-        cdef int status = 0
-        cdef string message
-        with nogil:
-            self._model = gpff_mff_load(cpath, &status, &message)
-        if status == 2:
-            raise MemoryError(_text(message))
-        if status != 0 or self._model == NULL:
-            raise ModelFileError(_text(message))
+        self._model = _load(<CMFFModel *> NULL, path)
 
     def __dealloc__(self):
         del self._model
@@ -333,14 +320,12 @@ cdef class MFFModel:
     @property
     def path(self) -> str:
         """The file the model was loaded from."""
-        cdef bytes p = self._model.path()
-        return os.fsdecode(p)
+        return os.fsdecode(self._model.path())
 
     @property
     def species(self) -> list:
         """Element symbols in model species order (the species index of compute())."""
-        cdef vector[string] names = self._model.species()
-        return [_text(name) for name in names]
+        return _texts(self._model.species())
 
     @property
     def order(self) -> int:
@@ -455,8 +440,5 @@ cdef class MFFModel:
         with nogil:
             energy = gpff_mff_compute(self._model, n, &csp[0], p, &ci[0], &cj[0], &cd[0, 0],
                                       &ce[0], &cf[0, 0], &cw[0], &cav[0, 0], &status, &message)
-        if status == 2:
-            raise MemoryError(_text(message))
-        if status != 0:
-            raise ValueError(_text(message))
+        _check_status(status, message, ValueError)
         return energy, energies, forces, virial, atom_virial

@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 
 from gpff import _core
 
-from conftest import finite_difference_forces
+from conftest import (check_load_error, finite_difference_forces, load_fuzzed, raw_safetensors,
+                      split_file)
 from gpff.errors import ModelFileError, SpeciesError
 
 SPECIES = ["C", "C", "H", "H", "O"]
@@ -477,26 +478,8 @@ def test_huge_positions_raise_not_crash(model):
 
 # ---- bad files --------------------------------------------------------------------------------
 
-def raw_safetensors(header, data=b""):
-    """Bytes of a safetensors file with the given header dict (or raw header bytes)."""
-    h = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + data
-
-
-def split_file(path):
-    """(header dict, data bytes) of a safetensors file."""
-    b = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", b[:8])
-    return json.loads(b[8:8 + n]), b[8 + n:]
-
-
 def check_error(path, phrase):
-    with pytest.raises(ModelFileError) as info:
-        _core.SGDMLModel(str(path))
-    message = str(info.value)
-    assert os.path.basename(str(path)) in message, message
-    assert phrase in message, message
-    return message
+    return check_load_error(_core.SGDMLModel, path, phrase)
 
 
 def test_missing_file(tmp_path):
@@ -756,15 +739,9 @@ def test_fuzz_random_bytes_never_crash(flips, cut):
         b[int(pos * len(b))] = value
     if cut is not None:
         b = b[:int(cut * len(b))]
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "fuzz.gpff")
-        with open(p, "wb") as fh:
-            fh.write(bytes(b))
-        try:
-            m = _core.SGDMLModel(p)
-        except ModelFileError as err:
-            assert "fuzz.gpff" in str(err)
-            return
+    m = load_fuzzed(_core.SGDMLModel, b)
+    if m is None:
+        return
     r = geometry(np.random.default_rng(0), m.n_atoms)
     try:
         e, f, w = m.compute(r)

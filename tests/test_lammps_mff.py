@@ -9,12 +9,7 @@ non-periodic cluster. Requires the package installed non-editable (`pip install 
 
 from __future__ import annotations
 
-import math
 import os
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -25,7 +20,8 @@ from ase.build import bulk
 import gpff.lammps as glmp
 from gpff.drift import energy_drift
 
-from conftest import make_mff, mff_core_compute, rewrite_model_file
+from conftest import (MFF_CONFIGS, lammps_results, make_mff, mff_core_compute, rewrite_model_file,
+                      run_lmp_launcher, run_nve, si_cell)
 
 KCALMOL_IN_EV = 0.04336410390059322    # the plugin's kcal/mol in eV (ASE default, CODATA 2014)
 MASSES = {"Si": 28.0855, "C": 12.011, "Ar": 39.948}
@@ -34,28 +30,7 @@ MASSES = {"Si": 28.0855, "C": 12.011, "Ar": 39.948}
 # --------------------------------------------------------------------------- configurations
 
 
-def si_cell(seed=1):
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-    atoms.rattle(0.1, seed=seed)
-    atoms.symbols[[1, 5]] = "C"
-    return atoms
-
-
-def tiny_cell():
-    cell = [[3.1, 0.0, 0.0], [0.9, 2.9, 0.0], [0.4, 0.7, 3.2]]
-    return Atoms("SiC", scaled_positions=[[0.02, 0.05, 0.01], [0.47, 0.55, 0.52]], cell=cell,
-                 pbc=True)
-
-
-def cluster():
-    rng = np.random.default_rng(5)
-    atoms = Atoms("Si4C3", positions=rng.uniform(0, 4.0, (7, 3)))
-    while atoms.get_all_distances()[np.triu_indices(7, 1)].min() < 1.9:
-        atoms.positions = rng.uniform(0, 4.0, (7, 3))
-    return atoms
-
-
-CONFIGS = {"si_cell": si_cell, "tiny_cell": tiny_cell, "cluster": cluster}
+CONFIGS = MFF_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +99,8 @@ def run0(lmp):
     lmp.commands_list(["compute pv all pressure NULL virial", "compute pea all pe/atom",
                        "compute sa all stress/atom NULL virial",
                        "thermo_style custom step pe vol", "run 0"])
-    n = lmp.get_natoms()
-    order = np.argsort(lmp.numpy.extract_atom("id")[:n])
-    f = np.array(lmp.numpy.extract_atom("f")[:n])[order]
-    pe = lmp.get_thermo("pe")
-    nktv2p = lmp.extract_global("nktv2p")
-    vol = lmp.get_thermo("vol")
-    virial = np.array(lmp.numpy.extract_compute("pv", 0, 1)) * vol / nktv2p
-    eatom = np.array(lmp.numpy.extract_compute("pea", 1, 1)[:n])[order]
-    vatom = -np.array(lmp.numpy.extract_compute("sa", 1, 2)[:n])[order] / nktv2p
-    return pe, f, virial, eatom, vatom
+    pe, f, virial, eatom, satom, nktv2p = lammps_results(lmp)
+    return pe, f, virial, eatom, -satom / nktv2p
 
 
 def lammps_run0(units, atoms, model, elements=("Si", "C"), **kw):
@@ -273,12 +240,7 @@ def test_nve_energy_conservation(mff3_path, tmp_path):
         "velocity all create 600.0 4928459 mom yes rot no dist gaussian",
         "fix 1 all nve", "timestep 0.001", "thermo_style custom step temp pe ke etotal",
         "run 0"])
-    t, etot = [], []
-    for step in range(0, 5001, 50):
-        if step:
-            lmp.command("run 50 pre no post no")
-        t.append(step * 1e-3)                        # ps
-        etot.append(lmp.get_thermo("etotal"))        # eV
+    t, etot = run_nve(lmp, 5000, 50, 1e-3)          # ps, eV
     temp = lmp.get_thermo("temp")
     lmp.close()
     etot = np.array(etot)
@@ -308,7 +270,7 @@ def data_file(tmp_path_factory):
 
 def test_error_element_not_in_model(mff3_path, data_file):
     _expect_error(setup_lines("metal", data_file, mff3_path, ("Si", "Ge")),
-                  r"element Ge \(atom type 2\) is not in model .*sic3.gpff \(model species: Si C\)")
+                  r"element Ge \(atom type 2\) is not in model .*sic3.gpff \(model elements: Si C\)")
 
 
 def test_error_wrong_pair_coeff(mff3_path, data_file):
@@ -337,7 +299,7 @@ def test_error_pair_style_arguments(data_file):
 @pytest.mark.parametrize("units", ["lj", "si", "cgs"])
 def test_error_unit_style(units):
     _expect_error([f"units {units}", "pair_style mff"],
-                  rf"supports units metal .* and real .* only, not units {units}")
+                  rf"supports units real .* and metal .* only, not units {units}")
 
 
 def test_error_newton_off(mff3_path, data_file):
@@ -373,13 +335,6 @@ def test_error_coincident_atoms(mff3_path, tmp_path):
 # --------------------------------------------------------------------------- lmp launcher, MPI
 
 
-def _launcher(name):
-    exe = shutil.which(name, path=os.path.dirname(sys.executable))
-    if exe is None:
-        pytest.skip(f"no `{name}` next to {sys.executable}")
-    return exe
-
-
 def _run_lmp(tmp_path, model, atoms, nprocs, tag):
     """pe, pressure (virial) and forces (by ID) of `run 0` with the wheel's `lmp` launcher (no
     `plugin load`: the entry point), serially or under `mpirun -np nprocs`."""
@@ -393,16 +348,7 @@ def _run_lmp(tmp_path, model, atoms, nprocs, tag):
         '$(c_pv[4]:%.17g) $(c_pv[5]:%.17g) $(c_pv[6]:%.17g)"']
     inp = tmp_path / f"in.{tag}"
     inp.write_text("\n".join(x for x in lines if x) + "\n")
-    cmd = [_launcher("lmp"), "-in", str(inp), "-log", str(tmp_path / f"log.{tag}"), "-nocite"]
-    if nprocs > 1:
-        cmd = [_launcher("mpirun"), "-np", str(nprocs)] + cmd
-    env = dict(os.environ)
-    env.pop("LAMMPS_PLUGIN_PATH", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    grid = re.search(r"(\d+) by (\d+) by (\d+) MPI processor grid", out)
-    assert grid and math.prod(int(g) for g in grid.groups()) == nprocs, out[-3000:]
+    out = run_lmp_launcher(inp, tmp_path / f"log.{tag}", tmp_path, nprocs, timeout=120)
     values = next(line.split()[1:] for line in out.splitlines() if line.startswith("GPFF_PE "))
     dumped = dump.read_text().splitlines()
     start = dumped.index("ITEM: ATOMS id fx fy fz") + 1

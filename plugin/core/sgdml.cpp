@@ -3,6 +3,7 @@
 #include "sgdml.h"
 
 #include "model_file.h"
+#include "gpff_simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,17 +43,6 @@ std::string element_symbol(int z)
 
 // ---- loading -----------------------------------------------------------------------------------
 
-//! shortest round-trip text of a double ("0", "-1.5", "0.1")
-static std::string number_text(double x)
-{
-  char buf[32];
-  for (int prec = 1; prec <= 17; ++prec) {
-    std::snprintf(buf, sizeof buf, "%.*g", prec, x);
-    if (std::strtod(buf, nullptr) == x) break;
-  }
-  return buf;
-}
-
 SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
 {
   ModelFile mf(path);
@@ -71,12 +61,7 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
   if (descriptor != "inverse_distance")
     throw mf.error("descriptor '" + descriptor + "' is not supported (only 'inverse_distance')");
 
-  energy_unit_ = mf.meta_object_string("units", "energy");
-  if (energy_unit_ != "kcal/mol" && energy_unit_ != "eV")
-    throw mf.error("energy unit '" + energy_unit_ + "' is not supported (use 'kcal/mol' or 'eV')");
-  const std::string length_unit = mf.meta_object_string("units", "length");
-  if (length_unit != "Angstrom")
-    throw mf.error("length unit '" + length_unit + "' is not supported (only 'Angstrom')");
+  energy_unit_ = mf.energy_unit();
 
   if (mf.has_key("descriptor_exponent")) {
     desc_exp_ = mf.meta_double("descriptor_exponent");    // a number, finite
@@ -227,22 +212,10 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
 
 // ---- the kernel sum ----------------------------------------------------------------------------
 
-#if defined(__GNUC__)
-#define GPFF_INLINE inline __attribute__((always_inline))
-// vector arguments of the always-inline helpers never cross an ABI boundary
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define GPFF_INLINE inline
-#endif
-
-/* SIMD vectors of 2, 4 and 8 doubles (GCC/Clang vector extension). The kernel below is written
- * once over a vector type V and instantiated per ISA with V of the native width (a vector wider
- * than the ISA's registers is lowered badly, through the stack): v8d for AVX-512, v4d for
- * AVX2+FMA, v2d for baseline x86-64 (and other architectures). A block of BLOCK = 8 rows is
- * 8 / W vectors of W lanes. */
-typedef double v8d __attribute__((vector_size(64), may_alias));
-typedef double v4d __attribute__((vector_size(32), may_alias));
-typedef double v2d __attribute__((vector_size(16), may_alias));
+/* The kernel below is written once over a vector type V (gpff_simd.h) and instantiated per ISA
+ * with V of the native width (a vector wider than the ISA's registers is lowered badly, through
+ * the stack): v8d for AVX-512, v4d for AVX2+FMA, v2d for baseline x86-64 (and other
+ * architectures). A block of BLOCK = 8 rows is 8 / W vectors of W lanes. */
 
 template <class V>
 static GPFF_INLINE V load(const double *p)

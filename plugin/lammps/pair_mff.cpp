@@ -6,81 +6,32 @@
 #include "comm.h"
 #include "error.h"
 #include "force.h"
-#include "memory.h"
 #include "neigh_list.h"
 #include "neighbor.h"
-#include "update.h"
 
 #include <cmath>
-#include <cstring>
-#include <exception>
 #include <new>
-#include <set>
 
 using namespace LAMMPS_NS;
 
-namespace {
-// 1 kcal/mol in eV: ASE's default (CODATA 2014) units.kcal / units.mol, the value of
-// pair_style sgdml and gpff.units
-constexpr double KCALMOL_IN_EV = 0.04336410390059322;
-}    // namespace
+/* ---------------------------------------------------------------------- */
+
+PairMFF::PairMFF(LAMMPS *lmp) : PairGPFF(lmp, "mff") {}
 
 /* ---------------------------------------------------------------------- */
 
-PairMFF::PairMFF(LAMMPS *lmp) : Pair(lmp)
-{
-  single_enable = 0;
-  restartinfo = 0;
-  one_coeff = 1;
-  manybody_flag = 1;
-  // the per-atom virial splits each (centre, neighbour) term half/half: not a centroid stress
-  centroidstressflag = CENTROID_NOTAVAIL;
-}
-
-/* ---------------------------------------------------------------------- */
-
-PairMFF::~PairMFF()
-{
-  if (allocated) {
-    memory->destroy(setflag);
-    memory->destroy(cutsq);
-  }
-}
-
-/* ---------------------------------------------------------------------- */
-
-void PairMFF::allocate()
-{
-  allocated = 1;
-  const int n = atom->ntypes + 1;
-  memory->create(setflag, n, n, "pair:setflag");
-  for (int i = 0; i < n; i++)
-    for (int j = 0; j < n; j++) setflag[i][j] = 0;
-  memory->create(cutsq, n, n, "pair:cutsq");
-  map_.assign(n, -1);
-}
+PairMFF::~PairMFF() = default;
 
 /* ----------------------------------------------------------------------
-   factor that converts the model's energy unit into the LAMMPS unit style's
+   load the model of pair_coeff (see PairGPFF::coeff); its species, in model order
 ------------------------------------------------------------------------- */
 
-double PairMFF::unit_factor(const std::string &unit_style) const
+std::vector<std::string> PairMFF::load_model(const std::string &path, std::string &energy_unit)
 {
-  const std::string &model_unit = model_->energy_unit();
-  double model_in_ev;
-  if (model_unit == "eV")
-    model_in_ev = 1.0;
-  else if (model_unit == "kcal/mol")
-    model_in_ev = KCALMOL_IN_EV;
-  else
-    error->all(FLERR, "pair_style mff: model {} has energy unit '{}'; supported: kcal/mol, eV",
-               model_path_, model_unit);
-  if (unit_style == "metal") return model_in_ev;
-  if (unit_style == "real") return model_in_ev / KCALMOL_IN_EV;
-  error->all(FLERR,
-             "pair_style mff supports units metal (eV, Angstrom) and real (kcal/mol, Angstrom) "
-             "only, not units {}",
-             unit_style);
+  model_.reset();
+  model_ = std::make_unique<gpff::MFFModel>(path);
+  energy_unit = model_->energy_unit();
+  return model_->species();
 }
 
 /* ----------------------------------------------------------------------
@@ -90,71 +41,27 @@ double PairMFF::unit_factor(const std::string &unit_style) const
 void PairMFF::settings(int narg, char ** /*arg*/)
 {
   if (narg != 0) error->all(FLERR, "Illegal pair_style mff command: expected 'pair_style mff'");
-  const std::string units = update->unit_style;
-  if (units != "real" && units != "metal")
-    error->all(FLERR,
-               "pair_style mff supports units metal (eV, Angstrom) and real (kcal/mol, "
-               "Angstrom) only, not units {}",
-               units);
+  lammps_energy_in_ev();    // units real or metal
 }
 
 /* ----------------------------------------------------------------------
-   pair_coeff * * model.gpff elem1 ... elemN   (one element or NULL per atom type)
+   pair_coeff * * model.gpff elem1 ... elemN (PairGPFF::coeff), then the model species index
+   of each atom type
 ------------------------------------------------------------------------- */
 
 void PairMFF::coeff(int narg, char **arg)
 {
-  if (!allocated) allocate();
-  const int ntypes = atom->ntypes;
-  if (narg != 3 + ntypes)
-    error->all(FLERR,
-               "pair_coeff for pair_style mff: expected 'pair_coeff * * model.gpff' followed by "
-               "one element (or NULL) for each of the {} atom types, got {} arguments",
-               ntypes, narg);
-  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
-    error->all(FLERR, "pair_coeff for pair_style mff must be 'pair_coeff * * model.gpff ...'");
-
-  model_path_ = arg[2];
-  model_.reset();
-  try {
-    model_ = std::make_unique<gpff::MFFModel>(model_path_);
-  } catch (std::exception &e) {
-    error->all(FLERR, "pair_style mff: cannot load model: {}", e.what());
-  }
-
-  std::string listed;
-  for (const auto &s : model_->species()) listed += (listed.empty() ? "" : " ") + s;
-
-  int nmapped = 0;
-  for (int i = 1; i <= ntypes; i++) {
-    const std::string elem = arg[2 + i];
-    if (elem == "NULL") {
-      map_[i] = -1;
-      continue;
-    }
-    const int s = model_->species_index(elem);
-    if (s < 0)
-      error->all(FLERR,
-                 "pair_coeff for pair_style mff: element {} (atom type {}) is not in model {} "
-                 "(model species: {})",
-                 elem, i, model_path_, listed);
-    map_[i] = s;
-    ++nmapped;
-  }
-  if (nmapped == 0) error->all(FLERR, "pair_coeff for pair_style mff: every atom type is NULL");
-
-  for (int i = 1; i <= ntypes; i++)
-    for (int j = i; j <= ntypes; j++) setflag[i][j] = (map_[i] >= 0 && map_[j] >= 0) ? 1 : 0;
-
-  escale_ = unit_factor(update->unit_style);
+  PairGPFF::coeff(narg, arg);
+  map_.assign(atom->ntypes + 1, -1);
+  for (int i = 1; i <= atom->ntypes; i++)
+    if (!type_element_[i].empty()) map_[i] = model_->species_index(type_element_[i]);
 }
 
 /* ---------------------------------------------------------------------- */
 
 void PairMFF::init_style()
 {
-  if (!model_) error->all(FLERR, "pair_style mff: pair_coeff has not been given");
-  escale_ = unit_factor(update->unit_style);
+  PairGPFF::init_style();
   if (force->newton_pair == 0) error->all(FLERR, "pair_style mff requires newton pair on");
   // 2-body only: a half list (newton on), each pair once; with 3-body terms: a full list
   half_list_ = model_->order() == 2;
@@ -162,14 +69,7 @@ void PairMFF::init_style()
     neighbor->add_request(this);
   else
     neighbor->add_request(this, NeighConst::REQ_FULL);
-}
-
-/* ---------------------------------------------------------------------- */
-
-double PairMFF::init_one(int i, int j)
-{
-  if (setflag[i][j] == 0) error->all(FLERR, "All pair coeffs are not set");
-  return model_->max_cutoff();
+  cut_global_ = model_->max_cutoff();
 }
 
 /* ---------------------------------------------------------------------- */
@@ -236,6 +136,16 @@ void PairMFF::compute(int eflag, int vflag)
       if (rsq >= rmaxsq) continue;
       if (rsq == 0.0)
         error->one(FLERR, "pair_style mff: atoms {} and {} coincide (distance 0)", tag[i], tag[j]);
+      // append j to a list of neighbours (index, species, d) of length n
+      auto append = [&](std::vector<int> &index, std::vector<int> &species,
+                        std::vector<double> &d, int &n) {
+        index[n] = j;
+        species[n] = sj;
+        d[3 * n] = dx;
+        d[3 * n + 1] = dy;
+        d[3 * n + 2] = dz;
+        ++n;
+      };
       if (once && rsq < rc2sq) {
         bool keep;
         if (half) {
@@ -252,27 +162,25 @@ void PairMFF::compute(int eflag, int vflag)
             keep = dz > 0.0 || (dz == 0.0 && (dy > 0.0 || (dy == 0.0 && dx > 0.0)));
         }
         if (keep) {
-          p_index_[np] = j;
-          p_species_[np] = sj;
           p_rsq_[np] = rsq;
-          p_d_[3 * np] = dx;
-          p_d_[3 * np + 1] = dy;
-          p_d_[3 * np + 2] = dz;
-          ++np;
+          append(p_index_, p_species_, p_d_, np);
         }
       }
-      if (rsq < rc3sq || !once) {
-        t_index_[nt] = j;
-        t_species_[nt] = sj;
-        t_d_[3 * nt] = dx;
-        t_d_[3 * nt + 1] = dy;
-        t_d_[3 * nt + 2] = dz;
-        ++nt;
-      }
+      if (rsq < rc3sq || !once) append(t_index_, t_species_, t_d_, nt);
     }
 
     double fix = 0.0, fiy = 0.0, fiz = 0.0;
     double ei = 0.0;
+    // force (fx, fy, fz) of a term on neighbour j at displacement (dx, dy, dz), the opposite on i
+    auto apply = [&](int j, double fx, double fy, double fz, double dx, double dy, double dz) {
+      f[j][0] += fx;
+      f[j][1] += fy;
+      f[j][2] += fz;
+      fix -= fx;
+      fiy -= fy;
+      fiz -= fz;
+      if (vflag_either) ev_tally_xyz(i, j, nlocal, 1, 0.0, 0.0, fx, fy, fz, dx, dy, dz);
+    };
 
     // ---- 2-body: the pairs kept above; phi is part of eps_i and of eps_j ----
     if (np) {
@@ -283,20 +191,13 @@ void PairMFF::compute(int eflag, int vflag)
         const int j = p_index_[k];
         const double fpair = s2 * p_fpair_[k];    // force on j = fpair d, on i the opposite
         const double dx = p_d_[3 * k], dy = p_d_[3 * k + 1], dz = p_d_[3 * k + 2];
-        const double fx = fpair * dx, fy = fpair * dy, fz = fpair * dz;
-        f[j][0] += fx;
-        f[j][1] += fy;
-        f[j][2] += fz;
-        fix -= fx;
-        fiy -= fy;
-        fiz -= fz;
+        apply(j, fpair * dx, fpair * dy, fpair * dz, dx, dy, dz);
         if (eflag) {
           const double phi = escale * p_phi_[k];
           ei += phi;
           if (eflag_global) eng_vdwl += phi;    // j's share
           if (eflag_atom) eatom[j] += phi;
         }
-        if (vflag_either) ev_tally_xyz(i, j, nlocal, 1, 0.0, 0.0, fx, fy, fz, dx, dy, dz);
       }
     }
 
@@ -307,21 +208,9 @@ void PairMFF::compute(int eflag, int vflag)
       const int *idx = t_index_.data();
       const double *d = t_d_.data();
       ec = model_->compute_centre(si, nt, t_species_.data(), d, t_f_.data(), ws_, !once) - e0[si];
-      for (int k = 0; k < nt; k++) {
-        const int j = idx[k];
-        const double fx = escale * t_f_[3 * k];
-        const double fy = escale * t_f_[3 * k + 1];
-        const double fz = escale * t_f_[3 * k + 2];
-        f[j][0] += fx;
-        f[j][1] += fy;
-        f[j][2] += fz;
-        fix -= fx;
-        fiy -= fy;
-        fiz -= fz;
-        if (vflag_either)
-          ev_tally_xyz(i, j, nlocal, 1, 0.0, 0.0, fx, fy, fz, d[3 * k], d[3 * k + 1],
-                       d[3 * k + 2]);
-      }
+      for (int k = 0; k < nt; k++)
+        apply(idx[k], escale * t_f_[3 * k], escale * t_f_[3 * k + 1], escale * t_f_[3 * k + 2],
+              d[3 * k], d[3 * k + 1], d[3 * k + 2]);
     }
     f[i][0] += fix;
     f[i][1] += fiy;

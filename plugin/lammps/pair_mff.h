@@ -19,7 +19,7 @@
 #ifndef GPFF_PAIR_MFF_H
 #define GPFF_PAIR_MFF_H
 
-#include "pair.h"
+#include "pair_gpff.h"
 
 #include <memory>
 #include <string>
@@ -29,7 +29,7 @@
 
 namespace LAMMPS_NS {
 
-class PairMFF : public Pair {
+class PairMFF : public PairGPFF {
  public:
   PairMFF(class LAMMPS *);
   ~PairMFF() override;
@@ -38,16 +38,12 @@ class PairMFF : public Pair {
   void settings(int, char **) override;
   void coeff(int, char **) override;
   void init_style() override;
-  double init_one(int, int) override;
   double memory_usage() override;
 
  protected:
-  void allocate();
-  double unit_factor(const std::string &unit_style) const;
+  std::vector<std::string> load_model(const std::string &path, std::string &energy_unit) override;
 
   std::unique_ptr<gpff::MFFModel> model_;
-  std::string model_path_;
-  double escale_ = 1.0;       // model energy unit -> LAMMPS energy unit
   bool half_list_ = false;    // order-2 model: half neighbour list
   std::vector<int> map_;      // model species index of each atom type (1..ntypes), -1 = NULL
 

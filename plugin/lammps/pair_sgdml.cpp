@@ -7,9 +7,7 @@
 #include "domain.h"
 #include "error.h"
 #include "force.h"
-#include "memory.h"
 #include "neighbor.h"
-#include "update.h"
 #include "utils.h"
 
 #include "sgdml.h"    // gpff core
@@ -17,78 +15,40 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <exception>
 #include <set>
 
 using namespace LAMMPS_NS;
 
 namespace {
-// 1 kcal/mol in eV: ASE's default (CODATA 2014) units.kcal / units.mol, the value gpff.units uses
-// (tests/test_lammps_sgdml.py checks that they agree). CODATA 2018 would give 0.04336410424180094.
-constexpr double KCALMOL_IN_EV = 0.04336410390059322;
 // extra distance added to the model's molecule extent for the default cutoff, Å
 constexpr double EXTENT_MARGIN = 2.0;
 }    // namespace
 
 /* ---------------------------------------------------------------------- */
 
-PairSGDML::PairSGDML(LAMMPS *lmp) : Pair(lmp)
+PairSGDML::PairSGDML(LAMMPS *lmp) : PairGPFF(lmp, "sgdml")
 {
-  single_enable = 0;
-  restartinfo = 0;
-  one_coeff = 1;
-  manybody_flag = 1;
   // the global virial comes from the core (pair form), never from f.r over atoms
   no_virial_fdotr_compute = 1;
-  // the per-atom virial splits each pair term half/half: not a centroid stress
-  centroidstressflag = CENTROID_NOTAVAIL;
 }
 
 /* ---------------------------------------------------------------------- */
 
-PairSGDML::~PairSGDML()
-{
-  if (allocated) {
-    memory->destroy(setflag);
-    memory->destroy(cutsq);
-  }
-}
-
-/* ---------------------------------------------------------------------- */
-
-void PairSGDML::allocate()
-{
-  allocated = 1;
-  const int n = atom->ntypes + 1;
-  memory->create(setflag, n, n, "pair:setflag");
-  for (int i = 0; i < n; i++)
-    for (int j = 0; j < n; j++) setflag[i][j] = 0;
-  memory->create(cutsq, n, n, "pair:cutsq");
-  type_element_.assign(n, std::string());
-}
+PairSGDML::~PairSGDML() = default;
 
 /* ----------------------------------------------------------------------
-   factor that converts the model's energy unit into the LAMMPS unit style's
+   load the model of pair_coeff (see PairGPFF::coeff); its elements, sorted
 ------------------------------------------------------------------------- */
 
-double PairSGDML::unit_factor(const std::string &unit_style) const
+std::vector<std::string> PairSGDML::load_model(const std::string &path, std::string &energy_unit)
 {
-  const std::string &model_unit = model_->energy_unit();
-  double model_in_ev;
-  if (model_unit == "eV")
-    model_in_ev = 1.0;
-  else if (model_unit == "kcal/mol")
-    model_in_ev = KCALMOL_IN_EV;
-  else
-    error->all(FLERR, "pair_style sgdml: model {} has energy unit '{}'; supported: kcal/mol, eV",
-               model_path_, model_unit);
-  if (unit_style == "metal") return model_in_ev;
-  if (unit_style == "real") return model_in_ev / KCALMOL_IN_EV;
-  error->all(FLERR,
-             "pair_style sgdml supports units real (kcal/mol, Angstrom) and metal (eV, Angstrom) "
-             "only, not units {}",
-             unit_style);
+  model_.reset();
+  model_ = std::make_unique<gpff::SGDMLModel>(path);
+  energy_unit = model_->energy_unit();
+  const auto &species = model_->species();
+  const std::set<std::string> elements(species.begin(), species.end());
+  return std::vector<std::string>(elements.begin(), elements.end());
 }
 
 /* ----------------------------------------------------------------------
@@ -99,12 +59,7 @@ void PairSGDML::settings(int narg, char **arg)
 {
   if (narg > 1)
     error->all(FLERR, "Illegal pair_style sgdml command: expected 'pair_style sgdml [cutoff]'");
-  const std::string units = update->unit_style;
-  if (units != "real" && units != "metal")
-    error->all(FLERR,
-               "pair_style sgdml supports units real (kcal/mol, Angstrom) and metal (eV, "
-               "Angstrom) only, not units {}",
-               units);
+  lammps_energy_in_ev();    // units real or metal
   cut_user_ = 0.0;
   if (narg == 1) {
     cut_user_ = utils::numeric(FLERR, arg[0], false, lmp);
@@ -113,65 +68,11 @@ void PairSGDML::settings(int narg, char **arg)
   }
 }
 
-/* ----------------------------------------------------------------------
-   pair_coeff * * model.gpff elem1 ... elemN   (one element or NULL per atom type)
-------------------------------------------------------------------------- */
-
-void PairSGDML::coeff(int narg, char **arg)
-{
-  if (!allocated) allocate();
-  const int ntypes = atom->ntypes;
-  if (narg != 3 + ntypes)
-    error->all(FLERR,
-               "pair_coeff for pair_style sgdml: expected 'pair_coeff * * model.gpff' followed "
-               "by one element (or NULL) for each of the {} atom types, got {} arguments",
-               ntypes, narg);
-  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
-    error->all(FLERR, "pair_coeff for pair_style sgdml must be 'pair_coeff * * model.gpff ...'");
-
-  model_path_ = arg[2];
-  model_.reset();
-  try {
-    model_ = std::make_unique<gpff::SGDMLModel>(model_path_);
-  } catch (std::exception &e) {
-    error->all(FLERR, "pair_style sgdml: cannot load model: {}", e.what());
-  }
-
-  const auto &species = model_->species();
-  const std::set<std::string> model_elements(species.begin(), species.end());
-  std::string listed;
-  for (const auto &s : model_elements) listed += (listed.empty() ? "" : " ") + s;
-
-  int nmapped = 0;
-  for (int i = 1; i <= ntypes; i++) {
-    const std::string elem = arg[2 + i];
-    if (elem == "NULL") {
-      type_element_[i].clear();
-      continue;
-    }
-    if (model_elements.count(elem) == 0)
-      error->all(FLERR,
-                 "pair_coeff for pair_style sgdml: element {} (atom type {}) is not in model {} "
-                 "(model elements: {})",
-                 elem, i, model_path_, listed);
-    type_element_[i] = elem;
-    ++nmapped;
-  }
-  if (nmapped == 0) error->all(FLERR, "pair_coeff for pair_style sgdml: every atom type is NULL");
-
-  for (int i = 1; i <= ntypes; i++)
-    for (int j = i; j <= ntypes; j++)
-      setflag[i][j] = (!type_element_[i].empty() && !type_element_[j].empty()) ? 1 : 0;
-
-  escale_ = unit_factor(update->unit_style);
-}
-
 /* ---------------------------------------------------------------------- */
 
 void PairSGDML::init_style()
 {
-  if (!model_) error->all(FLERR, "pair_style sgdml: pair_coeff has not been given");
-  escale_ = unit_factor(update->unit_style);
+  PairGPFF::init_style();
   if (atom->tag_enable == 0) error->all(FLERR, "pair_style sgdml requires atom IDs");
   if (atom->map_style == Atom::MAP_NONE)
     error->all(FLERR, "pair_style sgdml requires an atom map, see atom_modify map yes");
@@ -182,14 +83,6 @@ void PairSGDML::init_style()
 
   cut_global_ = (cut_user_ > 0.0) ? cut_user_ : model_->molecule_extent() + EXTENT_MARGIN;
   build_molecules();
-}
-
-/* ---------------------------------------------------------------------- */
-
-double PairSGDML::init_one(int i, int j)
-{
-  if (setflag[i][j] == 0) error->all(FLERR, "All pair coeffs are not set");
-  return cut_global_;
 }
 
 /* ----------------------------------------------------------------------

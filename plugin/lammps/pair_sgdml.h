@@ -18,7 +18,7 @@
 #ifndef GPFF_PAIR_SGDML_H
 #define GPFF_PAIR_SGDML_H
 
-#include "pair.h"
+#include "pair_gpff.h"
 
 #include <memory>
 #include <string>
@@ -30,29 +30,22 @@ class SGDMLModel;
 
 namespace LAMMPS_NS {
 
-class PairSGDML : public Pair {
+class PairSGDML : public PairGPFF {
  public:
   PairSGDML(class LAMMPS *);
   ~PairSGDML() override;
 
   void compute(int, int) override;
   void settings(int, char **) override;
-  void coeff(int, char **) override;
   void init_style() override;
-  double init_one(int, int) override;
   double memory_usage() override;
 
  protected:
-  void allocate();
+  std::vector<std::string> load_model(const std::string &path, std::string &energy_unit) override;
   void build_molecules();
-  double unit_factor(const std::string &unit_style) const;
 
   std::unique_ptr<gpff::SGDMLModel> model_;
-  std::string model_path_;
   double cut_user_ = 0.0;       // cutoff from pair_style (0: model extent + 2 Å)
-  double cut_global_ = 0.0;     // cutoff in use
-  double escale_ = 1.0;         // model energy unit -> LAMMPS energy unit
-  std::vector<std::string> type_element_;    // element of each type (index 1..ntypes), "" = NULL
 
   // molecules: tags of each molecule in model atom order (= ascending tag order)
   std::vector<tagint> mol_id_;
