@@ -106,11 +106,11 @@ def cmd_train_nbody(args) -> dict:
     model.fit(train, n_envs=args.n_envs, seed=args.seed)
     fit_seconds = time.perf_counter() - start
     check = [train.frames[k] for k in split_indices(n_train, [min(5, n_train)], args.seed + 1)[0]]
-    mapped = map_gp(model, train.frames, map_error=args.map_error, n_points=args.grid,
+    mapped = map_gp(model, map_error=args.map_error, n_points=args.grid,
                     n_points_3body=args.grid_3body, check_frames=check)
     mapped.provenance = {"data": os.path.basename(data.path), "sha256": data.sha256,
                          "n_configurations": n_train, "n_atoms": int(train.n_atoms_total),
-                         "n_envs": model.n_force_envs, "seed": args.seed,
+                         "n_envs": int(len(model.force_envs)), "seed": args.seed,
                          "train_seconds": round(fit_seconds, 1),
                          "total_seconds": round(time.perf_counter() - start, 1)}
     mapped.save(args.output)

@@ -192,3 +192,175 @@ def split_indices(n_frames: int, sizes, seed: int = 0):
         out.append(np.sort(perm[start:start + s]))
         start += s
     return out
+
+
+# ------------------------------------------------------------------ configurations (n-body GP)
+@dataclass
+class Configurations:
+    """Frames of a material or of clusters, any composition and size (n-body GP / MFF data).
+
+    Attributes:
+        frames: list of ``ase.Atoms`` (positions Å, cell, pbc, numbers; no calculator).
+        energies: (n,) float64 total energies in ``energy_unit``, or None (forces-only data).
+        forces: list of (N_c, 3) float64 forces in ``energy_unit``/Å (one per frame), or None.
+        energy_unit: unit name (see :mod:`gpff.units`); "eV" for ASE formats.
+        path: file the frames came from; sha256: its SHA-256 (hex).
+        indices: (n,) indices of the frames in the file (set by :meth:`subset`).
+    """
+
+    frames: list
+    energies: np.ndarray | None
+    forces: list | None
+    energy_unit: str = "eV"
+    path: str = ""
+    sha256: str = ""
+    indices: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def n_atoms_total(self) -> int:
+        """Total number of atoms over all frames."""
+        return int(sum(len(at) for at in self.frames))
+
+    @property
+    def species(self) -> list:
+        """Sorted unique element symbols of all frames."""
+        return sorted({s for at in self.frames for s in at.get_chemical_symbols()})
+
+    def subset(self, idx) -> "Configurations":
+        """The frames `idx` (index array into this set), remembering their indices in the file."""
+        idx = np.asarray(idx, dtype=int).reshape(-1)
+        base = self.indices if self.indices is not None else np.arange(self.n_frames)
+        return Configurations([self.frames[k] for k in idx],
+                              None if self.energies is None else self.energies[idx],
+                              None if self.forces is None else [self.forces[k] for k in idx],
+                              self.energy_unit, self.path, self.sha256, base[idx])
+
+    def validate(self) -> "Configurations":
+        """Check shapes, finiteness and units; raise DatasetError naming the file and the problem."""
+        where = self.path or "<configurations>"
+        if not self.frames:
+            raise DatasetError(f"{where}: no frames")
+        if self.energies is None and self.forces is None:
+            raise DatasetError(f"{where}: the frames have neither energies nor forces")
+        for k, at in enumerate(self.frames):
+            if len(at) == 0:
+                raise DatasetError(f"{where}: frame {k} has no atoms")
+            if not np.all(np.isfinite(at.positions)):
+                raise DatasetError(f"{where}: positions contain NaN or inf in frame {k}")
+            if not np.all(np.isfinite(at.cell.array)):
+                raise DatasetError(f"{where}: cell contains NaN or inf in frame {k}")
+        if self.energies is not None:
+            e = np.asarray(self.energies, dtype=np.float64)
+            if e.shape != (self.n_frames,):
+                raise DatasetError(f"{where}: energies have shape {e.shape}, expected ({self.n_frames},)")
+            bad = np.nonzero(~np.isfinite(e))[0]
+            if bad.size:
+                raise DatasetError(f"{where}: energies contain NaN or inf in frame(s) {bad[:10].tolist()}")
+            self.energies = e
+        if self.forces is not None:
+            if len(self.forces) != self.n_frames:
+                raise DatasetError(f"{where}: {len(self.forces)} force arrays for {self.n_frames} frames")
+            forces = []
+            for k, (at, f) in enumerate(zip(self.frames, self.forces)):
+                f = np.asarray(f, dtype=np.float64)
+                if f.shape != (len(at), 3):
+                    raise DatasetError(f"{where}: forces of frame {k} have shape {f.shape}, "
+                                       f"expected ({len(at)}, 3)")
+                if not np.all(np.isfinite(f)):
+                    raise DatasetError(f"{where}: forces contain NaN or inf in frame {k}")
+                forces.append(f)
+            self.forces = forces
+        try:
+            check_energy_unit(self.energy_unit)
+        except UnitError as err:
+            raise DatasetError(f"{where}: {err}") from None
+        return self
+
+    @classmethod
+    def from_frames(cls, frames, energies=None, forces=None, energy_unit: str = "eV",
+                    path: str = "") -> "Configurations":
+        """Validated configurations from in-memory ``ase.Atoms`` (copied without calculators),
+        energies (n,) and forces (list of (N_c, 3)). Raises DatasetError like the file reader."""
+        from ase import Atoms
+
+        clean = [Atoms(numbers=at.numbers, positions=at.positions, cell=at.cell, pbc=at.pbc)
+                 for at in frames]
+        return cls(clean, None if energies is None else np.asarray(energies, dtype=np.float64),
+                   None if forces is None else [np.asarray(f, dtype=np.float64) for f in forces],
+                   energy_unit, path).validate()
+
+
+def _frame_energy(at):
+    if at.calc is not None:
+        try:
+            return float(at.calc.get_potential_energy(at))
+        except Exception:  # a calculator without energy (forces-only frames)
+            pass
+    for key in ("energy", "Energy", "total_energy"):
+        if key in at.info:
+            return float(at.info[key])
+    return None
+
+
+def _frame_forces(at):
+    if at.calc is not None:
+        try:
+            return np.array(at.calc.get_forces(at), dtype=np.float64)
+        except Exception:
+            pass
+    for key in ("forces", "force"):
+        if key in at.arrays:
+            return np.array(at.arrays[key], dtype=np.float64)
+    return None
+
+
+def load_configurations(path: str | os.PathLike, energy_unit: str | None = None) -> Configurations:
+    """Read frames of any composition and size from a file ASE reads (extxyz, xyz, ...).
+
+    Energies come from the frame's calculator or ``info['energy']``, forces from the calculator,
+    ``arrays['forces']`` or ``arrays['force']``. Periodic cells of any shape and clusters without
+    a cell are both fine.
+
+    Args:
+        path: the file.
+        energy_unit: the energy unit of the file (default "eV", the unit of ASE formats).
+    Returns:
+        validated :class:`Configurations` (positions Å; energies (n,) or None; forces list of
+        (N_c, 3) or None).
+    Raises:
+        DatasetError: missing or unreadable file, no frames, NaN/inf, neither energies nor
+        forces, forces of the wrong shape, energies (or forces) on some frames only, unknown unit.
+    """
+    from ase import Atoms
+    from ase.io import read
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such file")
+    try:
+        raw = read(path, index=":")
+    except Exception as err:  # ASE raises many types for malformed files
+        raise DatasetError(f"{path}: ASE cannot read this file ({type(err).__name__}: {err})") from None
+    if not raw:
+        raise DatasetError(f"{path}: no frames")
+    frames, energies, forces = [], [], []
+    for at in raw:
+        energies.append(_frame_energy(at))
+        forces.append(_frame_forces(at))
+        frames.append(Atoms(numbers=at.numbers, positions=at.positions, cell=at.cell, pbc=at.pbc))
+    for name, values in (("energies", energies), ("forces", forces)):
+        have = [v is not None for v in values]
+        if any(have) and not all(have):
+            missing = [k for k, h in enumerate(have) if not h]
+            raise DatasetError(f"{path}: {name} are given for some frames but missing for frame(s) "
+                               f"{missing[:10]}")
+    e = None if energies[0] is None else np.array(energies, dtype=np.float64)
+    f = None if forces[0] is None else forces
+    return Configurations(frames, e, f, energy_unit or "eV", path, _sha256(path)).validate()

@@ -1,4 +1,4 @@
-"""Finding and loading the gpff LAMMPS plugin (``pair_style sgdml``).
+"""Finding and loading the gpff LAMMPS plugin (``pair_style sgdml`` and ``pair_style mff``).
 
 The plugin ``gpffplugin.so`` is installed in ``gpff/lammps_plugin/``. It is found in three ways:
 

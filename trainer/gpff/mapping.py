@@ -267,24 +267,12 @@ def map_functions(species, g2, g3=None, *, cutoff, cutoff_width, r_min, energy_o
 
 
 
-def shortest_distance(frames) -> float:
-    """Smallest interatomic distance (Å) in a list of ase.Atoms, periodic images included."""
-    from ase.neighborlist import neighbor_list
-
-    best = np.inf
-    for atoms in frames:
-        d = neighbor_list("d", atoms, 3.0)
-        if len(d):
-            best = min(best, float(d.min()))
-    return best
-
-
-def map_gp(model, frames, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3body=None,
+def map_gp(model, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3body=None,
            check_frames=None) -> MappedForceField:
     """Map a trained n-body GP (gpff.nbody.NBodyGP, order 2 or 3) onto B-spline tables.
 
-    frames: the training configurations (ase.Atoms); the tables start 0.1 Å below their shortest
-        interatomic distance (shorter distances are extrapolation).
+    The tables start 0.1 Å below the shortest training distance ``model.r_min`` (shorter
+    distances are extrapolation).
     check_frames: configurations on which the mapped model is compared with the exact GP; the
         force MAE of mapped − exact (energy unit/Å) and the largest energy difference per atom
         are added to ``mapping_error``.
@@ -295,7 +283,7 @@ def map_gp(model, frames, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3
     if model.order not in (2, 3):
         raise TrainingError(f"a {model.order}-body model cannot be mapped; only orders 2 and 3 "
                             "(eqs. 5.38-5.39) decompose into tabulated functions")
-    r_min = max(0.5, math.floor((shortest_distance(frames) - 0.1) * 20) / 20)
+    r_min = max(0.5, math.floor((model.r_min - 0.1) * 20) / 20)
     mapped = map_functions(
         model.species, model.g2, model.g3 if model.order == 3 else None, cutoff=model.cutoff,
         cutoff_3body=model.cutoff_3body if model.order == 3 else None,

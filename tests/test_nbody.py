@@ -1,0 +1,593 @@
+"""n-body GP (docs/mff.md): data reader, environments, kernels (grid quadrature vs direct sums vs
+automatic differentiation), energy conservation, symmetries, learning known potentials, the
+g₂/g₃ reconstruction identity, the marginal likelihood and its gradient, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+from ase.neighborlist import neighbor_list
+
+import gpff
+from gpff import nbody_kernels as nk
+from gpff.data import Configurations, load_configurations
+from gpff.environments import FrameEnvironment, cutoff_function
+from gpff.nbody import NBodyGP
+
+MLEARN_SI = "/work/shared/data/mlearn/mlearn_Si_train.extxyz"
+NI19 = "/work/shared/data/ni19/ni19_300K_forces.xyz"
+
+RC, RC3, WIDTH = 4.0, 3.2, 1.0
+
+
+# --------------------------------------------------------------------------- reference potentials
+def _fc(r, rc, d=WIDTH):
+    x = torch.clamp((r - rc + d) / d, 0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * x))
+
+
+def lj_energy(R, cell, pbc, numbers, rc=RC):
+    """Lennard-Jones with the smooth cutoff (ε, σ per species pair), periodic images included."""
+    at = Atoms(numbers=numbers, positions=R.detach().numpy(), cell=cell, pbc=pbc)
+    i, j, S = neighbor_list("ijS", at, rc)
+    d = R[j] - R[i] + torch.as_tensor(S, dtype=torch.float64) @ torch.as_tensor(cell, dtype=torch.float64)
+    r = torch.linalg.norm(d, dim=1)
+    z = torch.as_tensor(numbers)
+    eps = torch.where(z[i] == z[j], 0.3, 0.2)
+    sig = torch.where(z[i] == z[j], 1.9, 2.1)
+    return 0.5 * (4 * eps * ((sig / r) ** 12 - (sig / r) ** 6) * _fc(r, rc)).sum()
+
+
+def sw3_energy(R, cell, pbc, numbers, rc3=RC3, lam=1.5, beta=0.4):
+    """Stillinger-Weber-like 3-body term in the model's form, S₃-symmetric:
+    Σ_i Σ_{j<k} f_c(r_ij) f_c(r_ik) λ Σ_{c∈ijk} (cos θ_c + 1/3)² e^{-β (r_ij + r_ik + r_jk)}."""
+    at = Atoms(numbers=numbers, positions=R.detach().numpy(), cell=cell, pbc=pbc)
+    i, j, S = neighbor_list("ijS", at, rc3)
+    d = R[j] - R[i] + torch.as_tensor(S, dtype=torch.float64) @ torch.as_tensor(cell, dtype=torch.float64)
+    E = 0.0 * R.sum()
+    for c in range(len(numbers)):
+        idx = np.nonzero(i == c)[0]
+        for p in range(len(idx)):
+            for q in range(p + 1, len(idx)):
+                a, b = d[idx[p]], d[idx[q]]
+                e = b - a
+                ra, rb, re = a.norm(), b.norm(), e.norm()
+                cos = ((a * b).sum() / (ra * rb), -(a * e).sum() / (ra * re), (b * e).sum() / (rb * re))
+                G = lam * sum((x + 1.0 / 3) ** 2 for x in cos) * torch.exp(-beta * (ra + rb + re))
+                E = E + _fc(ra, rc3) * _fc(rb, rc3) * G
+    return E
+
+
+def label(frames, energy_fn):
+    E, F = [], []
+    for at in frames:
+        R = torch.tensor(at.positions, dtype=torch.float64, requires_grad=True)
+        e = energy_fn(R, at.cell.array, at.pbc, at.numbers)
+        (g,) = torch.autograd.grad(e, R)
+        E.append(float(e.detach()))
+        F.append(-g.numpy())
+    return Configurations.from_frames(frames, E, F)
+
+
+def random_clusters(n_frames, sizes, symbols, seed, box=3.6, dmin=1.8):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n_frames:
+        n = int(rng.integers(*sizes))
+        R = rng.uniform(0, box, size=(n, 3))
+        dd = np.linalg.norm(R[:, None] - R[None], axis=-1)[np.triu_indices(n, 1)]
+        if dd.min() > dmin:
+            out.append(Atoms(symbols=[symbols[k % len(symbols)] for k in range(n)], positions=R))
+    return out
+
+
+def rattled_si(seed, size=(1, 1, 1), amp=0.08):
+    at = bulk("Si", "diamond", a=5.43, cubic=True).repeat(size)
+    at.rattle(amp, seed=seed)
+    return at
+
+
+def fd_forces(model, at, h=1e-4):
+    F = np.zeros((len(at), 3))
+    for a in range(len(at)):
+        for c in range(3):
+            e = []
+            for s in (-1, 1):
+                b = at.copy()
+                b.positions[a, c] += s * h
+                e.append(model.predict(b)["energy"][0])
+            F[a, c] = -(e[1] - e[0]) / (2 * h)
+    return F
+
+
+def fd_stress(model, at, h=1e-5):
+    """ASE stress (1/V) dE/dε by central differences of a symmetric strain."""
+    G = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            e = []
+            for s in (-1, 1):
+                eps = np.zeros((3, 3))
+                eps[i, j] += s * h / 2
+                eps[j, i] += s * h / 2
+                b = at.copy()
+                b.set_cell(at.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+                e.append(model.predict(b)["energy"][0])
+            G[i, j] = G[j, i] = (e[1] - e[0]) / (2 * h)
+    G /= at.get_volume()
+    return np.array([G[0, 0], G[1, 1], G[2, 2], G[1, 2], G[0, 2], G[0, 1]])
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def lj_data():
+    frames = random_clusters(26, (3, 7), ["Ar", "Kr"], seed=1)
+    return label(frames, lj_energy)
+
+
+@pytest.fixture(scope="module")
+def model2(lj_data):
+    # energies weakly weighted: on clusters the least-squares e₀ (docs/mff.md) leaves a
+    # per-atom constant that no 2/3-body term can represent
+    return NBodyGP(order=2, cutoff=RC, length_scale_2=0.26, sigma_2=6.0, sigma_energy=0.3,
+                   sigma_force=1e-4, progress=False).fit(lj_data.subset(np.arange(20)))
+
+
+@pytest.fixture(scope="module")
+def si_data():
+    frames = [rattled_si(s, amp=0.12) for s in range(6)]
+    return label(frames, lambda R, c, p, z: lj_energy(R, c, p, z, rc=RC) + sw3_energy(R, c, p, z))
+
+
+@pytest.fixture(scope="module")
+def model3_si(si_data):
+    return NBodyGP(order=3, cutoff=RC, cutoff_3body=RC3, length_scale_2=0.4, sigma_2=0.5,
+                   length_scale_3=0.7, sigma_3=0.2, sigma_energy=5e-3, sigma_force=2e-2,
+                   progress=False).fit(si_data, n_envs=24, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model3_mix(lj_data):
+    data = lj_data.subset(np.arange(10))
+    return NBodyGP(order=3, cutoff=RC, cutoff_3body=RC3, length_scale_2=0.4, sigma_2=0.5,
+                   length_scale_3=0.8, sigma_3=0.2, sigma_energy=5e-3, sigma_force=2e-2,
+                   progress=False).fit(data, n_envs=25, seed=1)
+
+
+# --------------------------------------------------------------------------- data reader
+def test_load_configurations_real_files():
+    si = load_configurations(MLEARN_SI)
+    assert si.n_frames == 214 and si.n_atoms_total == 13233 and si.species == ["Si"]
+    assert si.energy_unit == "eV" and si.energies.shape == (214,) and len(si.sha256) == 64
+    assert all(f.shape == (len(a), 3) for a, f in zip(si.frames, si.forces))
+    assert all(a.pbc.all() for a in si.frames)
+    sub = si.subset([5, 2])
+    assert sub.indices.tolist() == [5, 2] and sub.energies[0] == si.energies[5]
+    ni = load_configurations(NI19)
+    assert ni.energies is None and ni.n_frames == 792 and ni.forces[0].shape == (19, 3)
+    assert not ni.frames[0].pbc.any()
+
+
+def _write(tmp_path, frames, energies=None, forces=None, name="x.extxyz"):
+    out = []
+    for k, at in enumerate(frames):
+        at = at.copy()
+        kw = {}
+        if energies is not None and energies[k] is not None:
+            kw["energy"] = energies[k]
+        if forces is not None and forces[k] is not None:
+            kw["forces"] = forces[k]
+        if kw:
+            at.calc = SinglePointCalculator(at, **kw)
+        out.append(at)
+    write(tmp_path / name, out)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("nan", "NaN or inf"),
+    ("nothing", "neither energies nor forces"),
+    ("mixed", "energies are given for some frames but missing for frame"),
+])
+def test_load_configurations_errors(tmp_path, case, message):
+    frames = random_clusters(3, (3, 4), ["Ar"], seed=0)
+    E = [1.0, 2.0, 3.0]
+    F = [np.ones((len(a), 3)) for a in frames]
+    if case == "missing":
+        path = tmp_path / "nope.extxyz"
+    elif case == "nan":
+        E[1] = float("nan")
+        path = _write(tmp_path, frames, E, F)
+    elif case == "nothing":
+        path = _write(tmp_path, frames)
+    else:
+        path = _write(tmp_path, frames, [1.0, None, 3.0], F)
+    with pytest.raises(gpff.DatasetError, match=message) as err:
+        load_configurations(path)
+    assert str(path) in str(err.value)
+
+
+def test_configurations_shape_errors():
+    frames = random_clusters(2, (3, 4), ["Ar"], seed=0)
+    with pytest.raises(gpff.DatasetError, match="forces of frame 1 have shape"):
+        Configurations.from_frames(frames, [0.0, 0.0], [np.zeros((3, 3)), np.zeros((2, 3))])
+    with pytest.raises(gpff.DatasetError, match="forces contain NaN"):
+        Configurations.from_frames(frames, None, [np.zeros((3, 3)), np.full((3, 3), np.nan)])
+
+
+# --------------------------------------------------------------------------- environments
+def test_cutoff_function_is_c1():
+    r = torch.linspace(0.5, 5.0, 2001, dtype=torch.float64)
+    f, df = cutoff_function(r, 4.0, 1.0)
+    assert float(f[r <= 3.0].min()) == 1.0 and float(f[r >= 4.0].abs().max()) == 0.0
+    fd = (f[2:] - f[:-2]) / (r[2:] - r[:-2])
+    smooth = ((r[1:-1] - 3.0).abs() > 0.01) & ((r[1:-1] - 4.0).abs() > 0.01)    # f'' jumps at the ends
+    assert float((fd - df[1:-1])[smooth].abs().max()) < 5e-5
+    assert float((fd - df[1:-1]).abs().max()) < 1e-2                          # f' continuous
+    assert float(df[r >= 4.0].abs().max()) == 0.0
+
+
+def test_environment_counts_images_and_triplets():
+    at = bulk("Si", "diamond", a=5.43)          # 2 atoms, cutoff > half the cell: many images
+    env = FrameEnvironment(at, ["Si"], 4.0, 3.0)
+    i, j, d = neighbor_list("ijd", at, 4.0)
+    assert env.n_pairs == len(i)
+    n3 = np.bincount(neighbor_list("i", at, 3.0), minlength=2)
+    assert env.n_triplets == int((n3 * (n3 - 1) // 2).sum()) == 12
+    q, *_ = env.triplet_features("cpu")
+    assert torch.allclose(q[:, :2], torch.full_like(q[:, :2], 5.43 * math.sqrt(3) / 4))
+    assert torch.allclose(q[:, 2], torch.full_like(q[:, 2], 5.43 / math.sqrt(2)))
+
+
+# --------------------------------------------------------------------------- kernels
+def test_quadrature_matches_direct_sums(model3_mix, lj_data):
+    """Exact grid quadrature vs direct sums: 2-body design matrices, 3-body energy blocks,
+    posterior-mean functions g₃; to 1e-10 relative."""
+    m = model3_mix
+    obs = m._train
+    ell2 = torch.tensor(m.length_scale_2, dtype=torch.float64)
+    g2 = m._grid2(m.length_scale_2)
+    PE = nk.design2(obs.pairsE, m._pair_codes, g2, ell2)
+    PF = nk.design2(obs.pairsF, m._pair_codes, g2, ell2)
+    P = torch.cat([PE, PF])
+    Kgrid = g2.weight(ell2) * P @ P.T
+    top = torch.cat([nk.direct2(obs.pairsE, obs.pairsE, ell2), nk.direct2(obs.pairsE, obs.pairsF, ell2)], 1)
+    bot = torch.cat([nk.direct2(obs.pairsF, obs.pairsE, ell2), nk.direct2(obs.pairsF, obs.pairsF, ell2)], 1)
+    Kdir = torch.cat([top, bot])
+    assert float((Kgrid - Kdir).abs().max()) < 1e-10 * float(Kdir.abs().max())
+    for method in ("grid", "direct"):
+        m.kernel_method = method
+        K = m._unit_kernel("k3", obs, None, m.length_scale_3)[0]
+        if method == "grid":
+            Kg = K
+    m.kernel_method = "auto"
+    assert float((Kg - K).abs().max()) < 1e-10 * float(K.abs().max())
+    # g₃ on the grid vs by direct sums, at training-like and random points
+    rng = np.random.default_rng(0)
+    q = torch.as_tensor(rng.uniform(1.8, 3.2, size=(300, 3)), dtype=torch.float64)
+    for code in m._tri_codes[:3]:
+        c = torch.full((300,), code, dtype=torch.long)
+        mean = m._means["3"]
+        ell3 = torch.tensor(m.length_scale_3, dtype=torch.float64)
+        grid = nk.eval_grid3(mean["theta"], m._tri_codes, mean["grid"], ell3, q, c)
+        direct = m.sigma_3 ** 2 * nk.eval_direct3(mean["terms"], ell3, q, c, m.n_species)
+        assert float((grid - direct).abs().max()) < 1e-10 * max(1.0, float(direct.abs().max()))
+
+
+def _brute_force_cov3(env_a, env_b, atoms_a, atoms_b, ell, rc3):
+    """Cov(E_a, E_b), Cov(E_a, F_b), Cov(F_a, F_b) of the unit 3-body kernel by autograd of
+    Σ_{t,t'} w w' Σ_π k(q, π q') (single species)."""
+
+    def feats(env, R):
+        g = env.tensors("cpu", positions=R)
+        q = torch.stack([g["d_ij"].norm(dim=1), g["d_ik"].norm(dim=1), g["d_jk"].norm(dim=1)], 1)
+        return q, _fc(q[:, 0], rc3) * _fc(q[:, 1], rc3)
+
+    def S(Ra, Rb):
+        qa, wa = feats(env_a, Ra)
+        qb, wb = feats(env_b, Rb)
+        tot = 0
+        for _, sg in nk.PERMS3:
+            d = qa[:, None] - qb[None, :, list(sg)]
+            tot = tot + torch.exp(-(d * d).sum(-1) / (2 * ell * ell))
+        return (wa[:, None] * tot * wb[None, :]).sum()
+
+    Ra = torch.tensor(env_a.positions, requires_grad=True)
+    Rb = torch.tensor(env_b.positions, requires_grad=True)
+    H = torch.autograd.functional.hessian(lambda x: S(x[:len(Ra)], x[len(Ra):]),
+                                          torch.cat([Ra, Rb]).detach())
+    H = H[:len(Ra), :, len(Ra):, :]
+    s = S(Ra, Rb)
+    (gb,) = torch.autograd.grad(s, Rb)
+    EF = -gb[atoms_b].reshape(-1)
+    FF = H[atoms_a][:, :, atoms_b].reshape(3 * len(atoms_a), 3 * len(atoms_b))
+    return float(s), EF, FF
+
+
+def test_force_covariances_match_autograd():
+    """The energy/force functionals (A, B coefficients) and the direct 3-body sums reproduce the
+    covariances obtained by differentiating the energy kernel with autograd (eqs. 5.11-5.13)."""
+    m = NBodyGP(order=3, cutoff=3.0, cutoff_3body=3.0, length_scale_3=0.6, progress=False)
+    a = rattled_si(0, amp=0.15)
+    b = rattled_si(1, amp=0.15)
+    m.species = ["Si"]
+    envs = [FrameEnvironment(x, ["Si"], m.cutoff, m.cutoff_3body) for x in (a, b)]
+    obs = m._observations(envs, [0, 1], [(0, 1), (0, 4), (1, 2), (1, 7)])
+    ell = torch.tensor(0.6, dtype=torch.float64)
+    EE = nk.direct3(obs.tripE, None, ell, 1, symmetric=True)
+    EF = nk.direct3(obs.tripE, obs.tripF, ell, 1)
+    FF = nk.direct3(obs.tripF, None, ell, 1, symmetric=True)
+    s, ef, ff = _brute_force_cov3(envs[0], envs[1], [1, 4], [2, 7], 0.6, 3.0)
+    assert abs(float(EE[0, 1]) - s) < 1e-10 * abs(s)
+    assert torch.allclose(EF[0, 6:], ef, rtol=0, atol=1e-10 * float(ef.abs().max()))
+    assert torch.allclose(FF[:6, 6:], ff, rtol=0, atol=1e-10 * float(ff.abs().max()))
+    assert torch.allclose(FF, FF.T, atol=1e-12)
+
+
+def test_joint_kernel_matrix_symmetric_positive_definite(model3_si, model3_mix):
+    for m in (model3_si, model3_mix):
+        C = m._covariance(None)
+        K = C - torch.diag(m._noise_diag(m._train, m.sigma_energy, m.sigma_force))
+        assert float((K - K.T).abs().max()) < 1e-10 * float(K.abs().max())
+        ev = torch.linalg.eigvalsh(K)
+        assert float(ev.min()) > -1e-9 * float(ev.max())          # K ⪰ 0 (a covariance)
+        assert float(torch.linalg.eigvalsh(C).min()) > 0
+
+
+# --------------------------------------------------------------------------- exact GP
+def test_training_mean_matches_kernel_formula(model3_si):
+    """Energies and forces of the prediction path (autograd of the g₂/g₃ representation) equal
+    the GP mean K α at the training observations."""
+    m = model3_si
+    obs = m._train
+    K = m._covariance(None) - torch.diag(m._noise_diag(obs, m.sigma_energy, m.sigma_force))
+    mean = (K @ m._alpha).numpy()
+    frames = [Atoms(numbers=[14] * e.n_atoms, positions=e.positions, cell=e.cell, pbc=e.pbc)
+              for e in obs.envs]
+    p = m.predict(frames)
+    e0 = np.array([m._e0[e.species].sum() for e in obs.envs])
+    np.testing.assert_allclose(p["energy"], mean[:obs.n_E] + e0, rtol=0, atol=1e-9)
+    F = np.array([p["forces"][c][a] for c, a in obs.force_index]).reshape(-1)
+    np.testing.assert_allclose(F, mean[obs.n_E:], rtol=0, atol=1e-9)
+
+
+def test_forces_and_stress_are_derivatives_periodic(model3_si):
+    at = rattled_si(11, amp=0.1)
+    p = model3_si.predict(at)
+    np.testing.assert_allclose(p["forces"][0], fd_forces(model3_si, at), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(p["stress"][0], fd_stress(model3_si, at), rtol=0, atol=1e-6)
+    assert np.abs(p["forces"][0].sum(0)).max() < 1e-10
+
+
+def test_forces_are_derivatives_two_species_cluster(model3_mix):
+    at = random_clusters(1, (5, 6), ["Ar", "Kr"], seed=7)[0]
+    p = model3_mix.predict(at)
+    np.testing.assert_allclose(p["forces"][0], fd_forces(model3_mix, at), rtol=0, atol=1e-6)
+    assert np.isnan(p["stress"][0]).all()
+    assert np.abs(p["forces"][0].sum(0)).max() < 1e-10
+
+
+def test_small_cell_several_images(model3_si):
+    """A 2-atom cell whose cutoff exceeds half the cell: FD-consistent forces and stress, and the
+    same energy per cell and forces as a 2x2x2 supercell."""
+    at = bulk("Si", "diamond", a=5.3)
+    at.positions[1] += [0.05, -0.03, 0.02]
+    at.set_cell(at.cell.array @ np.array([[1, 0.02, 0], [0, 1, 0.01], [0, 0, 1]]), scale_atoms=True)
+    p = model3_si.predict(at)
+    np.testing.assert_allclose(p["forces"][0], fd_forces(model3_si, at), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(p["stress"][0], fd_stress(model3_si, at), rtol=0, atol=1e-6)
+    big = at.repeat((2, 2, 2))
+    q = model3_si.predict(big)
+    assert abs(q["energy"][0] - 8 * p["energy"][0]) < 1e-9
+    np.testing.assert_allclose(q["forces"][0], np.tile(p["forces"][0], (8, 1)), atol=1e-9)
+    np.testing.assert_allclose(q["stress"][0], p["stress"][0], atol=1e-10)
+
+
+def test_dimer_energy_vanishes_continuously_at_cutoff(model2):
+    e0 = model2.energy_offsets["Ar"] + model2.energy_offsets["Kr"]
+    E, F = [], []
+    for r in (RC - 0.1, RC - 0.01, RC - 0.001, RC, RC + 0.1):
+        p = model2.predict(Atoms("ArKr", positions=[[0, 0, 0], [r, 0, 0]]))
+        E.append(p["energy"][0] - e0)
+        F.append(np.abs(p["forces"][0]).max())
+    E, F = np.abs(E), np.array(F)
+    assert E[0] > E[1] > E[2] and E[2] < 1e-3 * E[0]                 # f_c ~ (r_c - r)²
+    assert E[3] == 0 and E[4] == 0 and F[3] == 0 and F[4] == 0
+    assert F[0] > F[1] > F[2] and F[2] < 0.2 * F[1]                    # f_c' ~ (r_c - r)
+
+
+def test_invariances(model3_mix, model3_si):
+    rng = np.random.default_rng(3)
+    Q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    at = random_clusters(1, (6, 7), ["Ar", "Kr"], seed=5)[0]
+    si = rattled_si(4)
+    for m, a in ((model3_mix, at), (model3_si, si)):
+        p = m.predict(a)
+        b = a.copy()
+        b.positions = a.positions @ Q.T + [0.3, -1.2, 2.0]
+        b.set_cell(a.cell.array @ Q.T)
+        perm = rng.permutation(len(a))
+        c = a[perm]
+        pb, pc = m.predict(b), m.predict(c)
+        assert abs(pb["energy"][0] - p["energy"][0]) < 1e-10
+        assert abs(pc["energy"][0] - p["energy"][0]) < 1e-10
+        np.testing.assert_allclose(pb["forces"][0], p["forces"][0] @ Q.T, atol=1e-10)
+        np.testing.assert_allclose(pc["forces"][0], p["forces"][0][perm], atol=1e-10)
+        if a.pbc.all():
+            def full(s):
+                return np.array([[s[0], s[5], s[4]], [s[5], s[1], s[3]], [s[4], s[3], s[2]]])
+            np.testing.assert_allclose(full(pb["stress"][0]), Q @ full(p["stress"][0]) @ Q.T, atol=1e-10)
+
+
+def test_g2_g3_reconstruction_identity(model3_mix):
+    """E_exact (k*ᵀα by direct kernel sums) = Σ e₀ + Σ_pairs f_c g₂ + Σ_triplets f_c f_c g₃ with
+    the public g2/g3, over ASE neighbour lists, to 1e-10 (periodic 2-species cell)."""
+    m = model3_mix
+    rng = np.random.default_rng(2)
+    at = Atoms("Ar3Kr3", positions=rng.uniform(0, 4.6, (6, 3)), cell=[4.6, 4.8, 5.0], pbc=True)
+    at = at[[k for k in range(6)]]
+    while True:
+        i, j, d = neighbor_list("ijd", at, 1.9)
+        if len(i) == 0:
+            break
+        at.positions = rng.uniform(0, 4.6, (6, 3))
+    m.kernel_method = "direct"
+    try:
+        E_exact = m._predict_energy_kernel([at])[0]
+    finally:
+        m.kernel_method = "auto"
+    sym = at.get_chemical_symbols()
+    E = sum(m.energy_offsets[s] for s in sym)
+    i, j, d = neighbor_list("ijd", at, m.cutoff)
+    fc = _fc(torch.as_tensor(d), m.cutoff).numpy()
+    for a in range(len(i)):
+        E += fc[a] * m.g2(sym[i[a]], sym[j[a]], d[a])
+    i, j, D = neighbor_list("ijD", at, m.cutoff_3body)
+    for c in range(len(at)):
+        idx = np.nonzero(i == c)[0]
+        for p in range(len(idx)):
+            for q in range(p + 1, len(idx)):
+                d1, d2 = D[idx[p]], D[idx[q]]
+                r1, r2, r3 = np.linalg.norm(d1), np.linalg.norm(d2), np.linalg.norm(d2 - d1)
+                w = float(_fc(torch.tensor(r1), m.cutoff_3body) * _fc(torch.tensor(r2), m.cutoff_3body))
+                E += w * m.g3(sym[c], sym[j[idx[p]]], sym[j[idx[q]]], r1, r2, r3)
+    assert abs(E - E_exact) < 1e-10
+    assert abs(m.predict(at)["energy"][0] - E_exact) < 1e-10
+    # g₃ symmetry under the joint permutation of atoms and distances
+    r = (2.3, 2.9, 3.7)
+    g = m.g3("Ar", "Kr", "Ar", *r)
+    assert abs(g - m.g3("Ar", "Ar", "Kr", r[1], r[0], r[2])) < 1e-12
+    assert abs(g - m.g3("Kr", "Ar", "Ar", r[0], r[2], r[1])) < 1e-12
+    assert abs(m.g2("Ar", "Kr", 2.5) - m.g2("Kr", "Ar", 2.5)) == 0
+
+
+def test_learns_lennard_jones(model2, lj_data):
+    test = lj_data.subset(np.arange(20, 26))
+    p = model2.predict(test)
+    F, Fr = np.concatenate(p["forces"]), np.concatenate(test.forces)
+    assert np.mean(np.abs(F - Fr)) < 0.01 * np.mean(np.abs(Fr))
+    # the learned pair function is LJ (2 g₂ = V per bond; up to the constant absorbed by e₀)
+    r = np.linspace(2.2, 2.9, 8)
+    v = 4 * 0.2 * ((2.1 / r) ** 12 - (2.1 / r) ** 6)
+    g = 2 * model2.g2("Ar", "Kr", r)
+    assert np.std(g - v) < 1e-3 * np.std(v)
+
+
+def test_learns_three_body_potential():
+    """Pair (LJ) + Stillinger-Weber-like 3-body potential: the 2+3-body GP learns it, the
+    2-body GP cannot."""
+    fn = (lambda R, c, p, z: lj_energy(R, c, p, z, rc=RC) + sw3_energy(R, c, p, z, rc3=3.0))
+    data = label(random_clusters(34, (4, 6), ["Si"], seed=4, box=3.4, dmin=1.9), fn)
+    train, test = data.subset(np.arange(28)), data.subset(np.arange(28, 34))
+    Fr = np.concatenate(test.forces)
+    errs = {}
+    for order in (2, 3):
+        m = NBodyGP(order=order, cutoff=RC, cutoff_3body=3.0, length_scale_2=0.26, sigma_2=6.0,
+                    length_scale_3=1.0, sigma_3=0.5, sigma_energy=0.05, sigma_force=1e-3,
+                    progress=False).fit(train)
+        errs[order] = np.mean(np.abs(np.concatenate(m.predict(test)["forces"]) - Fr))
+    scale = np.mean(np.abs(Fr))
+    assert errs[3] < 0.01 * scale, (errs, scale)
+    assert errs[2] > 0.2 * scale, (errs, scale)
+
+
+def test_log_marginal_likelihood_gradient(model3_mix):
+    m = model3_mix
+    th = torch.tensor(m.log_hyperparameters(), requires_grad=True)
+    lml = m.log_marginal_likelihood(th)
+    assert abs(float(lml) - float(m.log_marginal_likelihood())) < 1e-8 * abs(float(lml))
+    lml.backward()
+    h = 1e-5
+    for k in range(len(th)):
+        e = np.zeros(len(th))
+        e[k] = h
+        fd = (float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() + e)))
+              - float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() - e)))) / (2 * h)
+        assert abs(float(th.grad[k]) - fd) < 1e-5 * max(1.0, abs(fd)), (m.hyperparameter_names[k], fd)
+
+
+def test_optimize_increases_marginal_likelihood(lj_data):
+    data = lj_data.subset(np.arange(8))
+    m = NBodyGP(order=2, cutoff=RC, length_scale_2=1.0, sigma_2=2.0, sigma_energy=0.05,
+                sigma_force=0.2, progress=False)
+    before = m.fit(data, n_envs=20).log_marginal_likelihood().item()
+    m.optimize(data, n_envs=20, max_iter=15, fix_noise=True)
+    assert m.log_marginal_likelihood().item() > before + 1.0
+    assert m.sigma_force == 0.2 and m.provenance["optimization"]["evaluations"] > 0
+
+
+def test_energy_variance(model3_si):
+    near = rattled_si(11, amp=0.1)
+    far = rattled_si(12, amp=0.1)
+    far.set_cell(far.cell.array * 1.08, scale_atoms=True)
+    p = model3_si.predict([near, far], variance=True)
+    v = p["energy_variance"]
+    assert np.all(v > 0) and v[1] > v[0]
+    # training frames: variance at most about the energy noise
+    q = model3_si.predict(model3_si._train.envs and [rattled_si(0, amp=0.12)], variance=True)
+    assert q["energy_variance"][0] < 4 * (8 * model3_si.sigma_energy) ** 2
+
+
+def test_many_body_order():
+    data = label(random_clusters(5, (3, 5), ["Ar"], seed=9), lj_energy)
+    m = NBodyGP(order="many", cutoff=RC, cutoff_3body=3.2, length_scale_3=0.8, length_scale_many=2.0,
+                sigma_many=1.0, sigma_energy=1e-2, sigma_force=5e-2, progress=False).fit(data, n_envs=6)
+    at = random_clusters(1, (4, 5), ["Ar"], seed=10)[0]
+    p = m.predict(at, variance=True)
+    np.testing.assert_allclose(p["forces"][0], fd_forces(m, at, h=1e-5), rtol=0, atol=1e-6)
+    assert p["energy_variance"][0] > 0
+    th = torch.tensor(m.log_hyperparameters(), requires_grad=True)
+    m.log_marginal_likelihood(th).backward()
+    k, h = 1, 1e-5
+    e = np.zeros(len(th))
+    e[k] = h
+    fd = (float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() + e)))
+          - float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() - e)))) / (2 * h)
+    assert abs(float(th.grad[k]) - fd) < 1e-5 * max(1.0, abs(fd))
+    with pytest.raises(ValueError, match="no pair function"):
+        m.g2("Ar", "Ar", 2.0)
+
+
+def test_select_order_reports_each_order():
+    data = label(random_clusters(4, (3, 5), ["Ar"], seed=12), lj_energy)
+    m = NBodyGP(order=2, cutoff=RC, cutoff_3body=3.2, progress=False)
+    out = m.select_order(data, orders=(2, 3, "many"), n_envs=4, max_iter=3)
+    assert set(out) == {2, 3, "many"} and all(np.isfinite(v) for v in out.values())
+
+
+def test_forces_only_training_and_summary():
+    frames = random_clusters(4, (4, 6), ["Ar"], seed=13)
+    full = label(frames, lj_energy)
+    data = Configurations.from_frames(full.frames, None, full.forces, path="forces-only")
+    m = NBodyGP(order=2, cutoff=RC, progress=False).fit(data, n_envs=10, seed=1)
+    assert m.energy_offsets == {"Ar": 0.0} and m._train.n_E == 0 and len(m.force_envs) == 10
+    s = m.summary()
+    assert s["model"] == "mff" and s["species"] == ["Ar"] and s["provenance"]["n_force_envs"] == 10
+    assert s["hyperparameters"]["log_marginal_likelihood"] == m.log_marginal_likelihood().item()
+
+
+def test_bad_input(model2, lj_data):
+    at = Atoms("ArXe", positions=[[0, 0, 0], [2.5, 0, 0]])
+    with pytest.raises(gpff.SpeciesError, match="Xe"):
+        model2.predict(at)
+    bad = Atoms("ArKr", positions=[[0, 0, 0], [np.nan, 0, 0]])
+    with pytest.raises(gpff.DatasetError, match="NaN"):
+        model2.predict(bad)
+    with pytest.raises(gpff.SpeciesError, match="Ne"):
+        model2.g2("Ar", "Ne", 2.0)
+    with pytest.raises(ValueError, match="no triplet function"):
+        model2.g3("Ar", "Ar", "Ar", 2, 2, 2)
+    frames = [a.copy() for a in lj_data.frames[:2]]
+    frames[1].positions[0, 0] = np.inf
+    with pytest.raises(gpff.DatasetError, match="frame 1"):
+        NBodyGP(order=2, progress=False).fit(Configurations(frames, lj_data.energies[:2], lj_data.forces[:2]))
+    with pytest.raises(gpff.TrainingError, match="not trained"):
+        NBodyGP(order=2).predict(at)
+    with pytest.raises(ValueError, match="order"):
+        NBodyGP(order=4)

@@ -1,0 +1,1131 @@
+"""n-body GP force fields: the exact GP of docs/mff.md (papers/nbody_gp_mff.txt, chapter 5).
+
+The total energy of a configuration is Σ_i [e₀(s_i) + ε_i] with the local energy (eqs. 5.7, 5.34)
+
+    ε_i = Σ_{j, r_ij < r_c} f_c(r_ij; r_c) g₂^{s_i s_j}(r_ij)
+        + Σ_{j<k, r_ij, r_ik < r_c3} f_c(r_ij; r_c3) f_c(r_ik; r_c3) g₃^{s_i s_j s_k}(r_ij, r_ik, r_jk)
+
+with independent zero-mean GP priors on g₂ (per unordered species pair, eqs. 5.28/5.36) and g₃
+(S₃-symmetrised, eq. 5.37). Observations are total energies and Cartesian force components of a
+random subset of atoms; the joint energy/force kernel matrix (eq. 5.14) is solved by Cholesky in
+float64, and the forces of the model are the exact -∂E/∂R of its energy (energy conserving).
+Order "many" replaces the local energy by a GP with the many-body kernel of eq. 5.31 built on
+the 3-body kernel (exact GP only: no g₂/g₃, cannot be mapped).
+
+Kernel algebra: gpff.nbody_kernels; neighbour lists and features: gpff.environments.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from torch.autograd import forward_ad as fwAD
+from tqdm.auto import tqdm
+
+from . import nbody_kernels as nk
+from .data import Configurations
+from .environments import (FrameEnvironment, cutoff_function, frame_environments,
+                           pair_jacobian_terms, triplet_jacobian_terms)
+from .errors import DatasetError, SpeciesError, TrainingError
+from .units import virial_to_stress
+
+ORDERS = (2, 3, "many")
+KERNEL_METHODS = ("auto", "grid", "direct")
+#: lower extension (Å) of the 3-body quadrature grid below the shortest training distance:
+#: g₃ queries down to r_min - 2 × this are evaluated on the grid, lower ones by direct sums
+GRID3_EXTENSION = 0.25
+#: upper extension (Å) of the 2-body grid beyond the cutoff
+GRID2_EXTENSION = 1.0
+#: largest 3-body grid tensors (elements) the energy blocks may use
+GRID3_MAX_ELEMENTS = 3e8
+
+
+def _log(progress, msg):
+    if progress:
+        tqdm.write(msg)
+
+
+class _LengthScaleKernel(torch.autograd.Function):
+    """K(log ℓ) as a differentiable function: the builder returns K and dK/dlog ℓ."""
+
+    @staticmethod
+    def forward(ctx, log_ell, builder):
+        K, dK = builder()
+        ctx.save_for_backward(dK)
+        return K.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dK,) = ctx.saved_tensors
+        return (grad * dK).sum(), None
+
+
+class _Observations:
+    """Terms of a set of observations: energy rows (frames) then force rows (3 per env atom)."""
+
+    def __init__(self):
+        self.n_E = 0
+        self.n_F = 0
+        self.pairsE = self.pairsF = self.tripE = self.tripF = None
+        self.envs = []             # FrameEnvironment per frame
+        self.energy_frames = np.zeros(0, dtype=int)   # frame index of each energy row
+        self.n_atoms_E = np.zeros(0)                  # atoms of each energy row
+        self.force_index = np.zeros((0, 2), dtype=int)  # (frame, atom) of each force env
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_E + 3 * self.n_F
+
+
+def _numerics(method):
+    """Run a public method with denormals flushed to zero (see nbody_kernels.flush_denormal)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with nk.flush_denormal():
+            return method(*args, **kwargs)
+    return wrapper
+
+
+class NBodyGP:
+    """Exact n-body GP force field of docs/mff.md (2-body, 2+3-body, or many-body kernel).
+
+    Args:
+        order: 2 (2-body), 3 (2-body + 3-body, kernel sum) or "many" (eq. 5.31 on the 3-body
+            kernel; exact GP only, small datasets: its kernel is built by automatic
+            differentiation, O((frames·atoms·triplets)²)).
+        cutoff: r_c of the 2-body term, Å.
+        cutoff_3body: r_c3 of the 3-body term, Å (default: cutoff); orders 3 and "many".
+        cutoff_width: d of the smooth cutoff f_c, Å (0 < d ≤ min(r_c, r_c3)).
+        length_scale_2, sigma_2: ℓ₂ (Å) and signal σ₂ (energy unit) of the g₂ prior.
+        length_scale_3, sigma_3: ℓ₃ (Å) and signal σ₃ of the g₃ prior (order "many": ℓ₃ is the
+            length scale of the inner 3-body kernel).
+        length_scale_many, sigma_many: outer length scale ℓ (dimensionless) and signal of the
+            many-body kernel σ² exp(-d_s²/2ℓ²) (order "many" only).
+        sigma_energy: noise of the energy per atom (energy unit); a total energy of N atoms has
+            noise N σ_E.
+        sigma_force: noise of a force component (energy unit/Å).
+        kernel_method: "auto" (default), "grid" or "direct": how the 3-body energy-energy and
+            energy-force blocks are computed (exact quadrature or direct sums; they agree to
+            ~1e-12, "auto" picks the cheaper).
+        device: torch device ("cpu", "cuda").
+        progress: show progress bars and messages.
+
+    After :meth:`fit`: ``species`` (element symbols), ``energy_offsets`` (symbol -> e₀),
+    ``energy_unit``, ``force_envs`` ((n, 2) training (frame, atom) pairs with force
+    observations), ``r_min`` (shortest training distance, Å), ``provenance``.
+    """
+
+    kind = "mff"
+
+    def __init__(self, order=2, cutoff: float = 5.0, cutoff_3body: float | None = None,
+                 cutoff_width: float = 1.0, length_scale_2: float = 0.5, sigma_2: float = 1.0,
+                 length_scale_3: float = 1.0, sigma_3: float = 0.5,
+                 length_scale_many: float = 1.0, sigma_many: float = 1.0,
+                 sigma_energy: float = 0.002, sigma_force: float = 0.05,
+                 kernel_method: str = "auto", device: str = "cpu", progress: bool = True):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of 2, 3, 'many', got {order!r}")
+        if not cutoff > 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        r3 = cutoff if cutoff_3body is None else float(cutoff_3body)
+        if not r3 > 0:
+            raise ValueError(f"cutoff_3body must be positive, got {cutoff_3body}")
+        uses3 = order in (3, "many")
+        if not 0 < cutoff_width <= min(cutoff, r3 if uses3 else cutoff):
+            raise ValueError(f"cutoff_width must be in (0, min(r_c, r_c3)], got {cutoff_width}")
+        for name, v in (("length_scale_2", length_scale_2), ("sigma_2", sigma_2),
+                        ("length_scale_3", length_scale_3), ("sigma_3", sigma_3),
+                        ("length_scale_many", length_scale_many), ("sigma_many", sigma_many),
+                        ("sigma_energy", sigma_energy), ("sigma_force", sigma_force)):
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be positive, got {v}")
+        if kernel_method not in KERNEL_METHODS:
+            raise ValueError(f"kernel_method must be one of {KERNEL_METHODS}, got {kernel_method!r}")
+        self.order = order
+        self.cutoff = float(cutoff)
+        self.cutoff_3body = r3 if uses3 else None
+        self.cutoff_width = float(cutoff_width)
+        self.length_scale_2 = float(length_scale_2)
+        self.sigma_2 = float(sigma_2)
+        self.length_scale_3 = float(length_scale_3)
+        self.sigma_3 = float(sigma_3)
+        self.length_scale_many = float(length_scale_many)
+        self.sigma_many = float(sigma_many)
+        self.sigma_energy = float(sigma_energy)
+        self.sigma_force = float(sigma_force)
+        self.kernel_method = kernel_method
+        self.device = torch.device(device)
+        self.progress = progress
+        self.species: list | None = None
+        self.energy_offsets: dict = {}
+        self.energy_unit = "eV"
+        self.force_envs = np.zeros((0, 2), dtype=int)
+        self.r_min = None
+        self.provenance: dict = {}
+        self._train: _Observations | None = None
+        self._alpha = None
+        self._lml = None
+        self._cache = {}
+
+    # ------------------------------------------------------------------ hyperparameters
+    @property
+    def hyperparameter_names(self) -> list:
+        """Names of the hyperparameters, in the order of the log-hyperparameter vector."""
+        if self.order == 2:
+            return ["length_scale_2", "sigma_2", "sigma_energy", "sigma_force"]
+        if self.order == 3:
+            return ["length_scale_2", "sigma_2", "length_scale_3", "sigma_3", "sigma_energy",
+                    "sigma_force"]
+        return ["length_scale_3", "length_scale_many", "sigma_many", "sigma_energy", "sigma_force"]
+
+    def log_hyperparameters(self) -> np.ndarray:
+        """Current log hyperparameters (see :attr:`hyperparameter_names`)."""
+        return np.log([getattr(self, n) for n in self.hyperparameter_names])
+
+    def _set_log_hyperparameters(self, values):
+        for n, v in zip(self.hyperparameter_names, np.asarray(values, dtype=float)):
+            setattr(self, n, float(np.exp(v)))
+
+    @property
+    def hyperparameters(self) -> dict:
+        """Hyperparameters (ℓ in Å, σ in the energy unit) and the log marginal likelihood."""
+        out = {n: getattr(self, n) for n in self.hyperparameter_names}
+        out["log_marginal_likelihood"] = self._lml
+        return out
+
+    @property
+    def n_species(self) -> int:
+        return len(self.species)
+
+    # ------------------------------------------------------------------ observations
+    def _frame_terms(self, env: FrameEnvironment, e_row, force_atoms, f_row0):
+        """Pair and triplet terms of one frame: energy terms (group e_row, or none when None)
+        and force terms of the atoms `force_atoms` (groups f_row0, f_row0 + 1, ...)."""
+        dev = self.device
+        n = self.n_species
+        sp = torch.as_tensor(env.species, device=dev)
+        out = {}
+        mask = np.zeros(env.n_atoms, dtype=bool)
+        local = np.full(env.n_atoms, -1, dtype=np.int64)
+        if len(force_atoms):
+            mask[force_atoms] = True
+            local[force_atoms] = np.arange(len(force_atoms))
+        local_t = torch.as_tensor(local, device=dev)
+        if self.order in (2, 3):
+            r, u = env.pair_features(dev)
+            f, df = cutoff_function(r, self.cutoff, self.cutoff_width)
+            code = nk.pair_code(sp[torch.as_tensor(env.pair_i, device=dev)],
+                                sp[torch.as_tensor(env.pair_j, device=dev)], n)
+            if e_row is not None:
+                out["pairsE"] = nk.Terms(r[:, None], code, torch.full_like(code, e_row), 0, f[:, None])
+            if len(force_atoms):
+                p, atom, J = pair_jacobian_terms(env, mask, u)
+                out["pairsF"] = nk.Terms(r[p, None], code[p], f_row0 + local_t[atom], 0,
+                                         -df[p, None] * J, (-f[p, None] * J)[:, :, None])
+        if self.order == 3 and env.n_triplets:
+            q, uij, uik, ujk = env.triplet_features(dev)
+            f0, df0 = cutoff_function(q[:, 0], self.cutoff_3body, self.cutoff_width)
+            f1, df1 = cutoff_function(q[:, 1], self.cutoff_3body, self.cutoff_width)
+            w = f0 * f1
+            dw = torch.stack([df0 * f1, f0 * df1, torch.zeros_like(w)], dim=1)
+            ti = torch.as_tensor(env.trip_i, device=dev)
+            tj = torch.as_tensor(env.trip_j, device=dev)
+            tk = torch.as_tensor(env.trip_k, device=dev)
+            code = nk.triple_code(sp[ti], sp[tj], sp[tk], n)
+            if e_row is not None:
+                out["tripE"] = nk.Terms(q, code, torch.full_like(code, e_row), 0, w[:, None])
+            if len(force_atoms):
+                t, atom, J = triplet_jacobian_terms(env, mask, uij, uik, ujk)
+                A = -torch.einsum("em,ema->ea", dw[t], J)
+                B = -w[t, None, None] * J.transpose(1, 2)          # (E, α, m)
+                out["tripF"] = nk.Terms(q[t], code[t], f_row0 + local_t[atom], 0, A, B)
+        return out
+
+    def _observations(self, envs, energy_frames, force_index) -> _Observations:
+        """Observation terms: one energy row per frame in `energy_frames`, three force rows per
+        (frame, atom) in `force_index`."""
+        obs = _Observations()
+        obs.envs = envs
+        obs.energy_frames = np.asarray(energy_frames, dtype=int)
+        obs.force_index = np.asarray(force_index, dtype=int).reshape(-1, 2)
+        obs.n_E = len(obs.energy_frames)
+        obs.n_F = len(obs.force_index)
+        obs.n_atoms_E = np.array([envs[c].n_atoms for c in obs.energy_frames], dtype=float)
+        if self.order == "many":
+            return obs
+        e_row = {int(c): k for k, c in enumerate(obs.energy_frames)}
+        parts = {"pairsE": [], "pairsF": [], "tripE": [], "tripF": []}
+        f_row = 0
+        for c, env in enumerate(envs):
+            atoms = obs.force_index[obs.force_index[:, 0] == c, 1]
+            if c not in e_row and not len(atoms):
+                continue
+            t = self._frame_terms(env, e_row.get(c), atoms, f_row)
+            f_row += len(atoms)
+            for k, v in t.items():
+                parts[k].append(v)
+        dev = self.device
+
+        def cat(lst, n_groups, D, c, with_B):
+            if not lst:
+                B = torch.zeros(0, c, D, dtype=torch.float64, device=dev) if with_B else None
+                return nk.Terms(torch.zeros(0, D, dtype=torch.float64, device=dev),
+                                torch.zeros(0, dtype=torch.long, device=dev),
+                                torch.zeros(0, dtype=torch.long, device=dev), n_groups,
+                                torch.zeros(0, c, dtype=torch.float64, device=dev), B)
+            return nk.Terms.cat(lst, n_groups)
+
+        # force rows were numbered frame by frame in force_index order within a frame: reorder
+        # force_index to match (frame-major, as collected)
+        order = np.lexsort((np.arange(obs.n_F), obs.force_index[:, 0]))
+        obs.force_index = obs.force_index[order]
+        obs.pairsE = cat(parts["pairsE"], obs.n_E, 1, 1, False)
+        obs.pairsF = cat(parts["pairsF"], obs.n_F, 1, 3, True)
+        obs.tripE = cat(parts["tripE"], obs.n_E, 3, 1, False)
+        obs.tripF = cat(parts["tripF"], obs.n_F, 3, 3, True)
+        return obs
+
+    # ------------------------------------------------------------------ grids
+    def _grid2(self, ell_value):
+        m = nk.MARGIN_ELLS * ell_value
+        return nk.Grid(-m, self.cutoff + GRID2_EXTENSION + m, ell_value, nk.POINTS_PER_ELL_2,
+                       self.device)
+
+    def _grid3(self, ell_value):
+        return nk.Grid.for_features(self._fmin3 - GRID3_EXTENSION, 2 * self.cutoff_3body,
+                                    ell_value, nk.POINTS_PER_ELL_3, self.device)
+
+    # ------------------------------------------------------------------ kernel blocks
+    def _pair_design(self, obs: _Observations, grid, ell):
+        """2-body grid rows of all observations of `obs`: (n_rows, n_codes G)."""
+        parts = []
+        if obs.n_E:
+            parts.append(nk.design2(obs.pairsE, self._pair_codes, grid, ell))
+        if obs.n_F:
+            parts.append(nk.design2(obs.pairsF, self._pair_codes, grid, ell))
+        return torch.cat(parts) if parts else None
+
+    def _kernel2(self, X: _Observations, Y: _Observations | None, ell, ell_value):
+        """Unit 2-body kernel between the observations of X and Y (Y None: X with itself)."""
+        grid = self._grid2(ell_value)
+        PX = self._pair_design(X, grid, ell)
+        PY = PX if Y is None else self._pair_design(Y, grid, ell)
+        return grid.weight(ell) * (PX @ PY.T)
+
+    def _method3(self, X, Y, block: str, G: int) -> str:
+        """"grid" or "direct" for a 3-body energy block (cost model, memory and exactness)."""
+        feats = [X.tripE, Y.tripE if block == "EE" else Y.tripF]
+        fmin = min([float(t.q.min()) for t in feats if t.n_terms] + [np.inf])
+        if fmin < self._fmin3 - GRID3_EXTENSION:      # outside the exact range of the grid
+            return "direct"
+        if self.kernel_method != "auto":
+            return self.kernel_method
+        G3 = float(G) ** 3
+        nX, nY = X.n_E, (Y.n_E if block == "EE" else Y.n_F)
+        tX = X.tripE.n_terms
+        tY = Y.tripE.n_terms if block == "EE" else Y.tripF.n_terms
+        if (nX + (nY if block == "EE" else 0)) * G3 * len(self._tri_codes) * 2 > GRID3_MAX_ELEMENTS:
+            return "direct"
+        direct = 6 * tX * tY * (2.5e-9 if block == "EE" else 3e-9)
+        if block == "EE":
+            grid = (tX + tY) * G3 * 2 / 2e10 + 6 * nX * nY * G3 * 2 / 5e10
+        else:
+            grid = tX * G3 * 2 / 2e10 + tY * G3 * 12 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
+        return "grid" if grid < direct else "direct"
+
+    def _kernel3(self, X: _Observations, Y: _Observations | None, ell, ell_value):
+        """Unit 3-body kernel between the observations of X and Y (Y None: X with itself)."""
+        sym = Y is None
+        Y = X if sym else Y
+        n = self.n_species
+        grid = self._grid3(ell_value)
+        pbar = (lambda it: tqdm(it, desc="3-body force-force", leave=False)) if self.progress else None
+        cache = {}
+
+        def szy():
+            if "SZ" not in cache:
+                ZY = nk.embed3(Y.tripE, self._tri_codes, grid, ell)
+                cache["SZ"] = nk.symmetrize3(ZY, self._tri_codes, n).reshape(Y.n_E, -1)
+            return cache["SZ"]
+
+        top, bottom = [], []
+        if X.n_E and Y.n_E:
+            if self._method3(X, Y, "EE", grid.n) == "grid":
+                ZX = nk.embed3(X.tripE, self._tri_codes, grid, ell).reshape(X.n_E, -1)
+                top.append((grid.weight(ell) ** 3) * (ZX @ szy().T))
+            else:
+                top.append(nk.direct3(X.tripE, None if sym else Y.tripE, ell, n, symmetric=sym))
+        EF = None
+        if X.n_E and Y.n_F:
+            EF = self._ef3(X, Y, grid, ell, None)
+            top.append(EF)
+        if X.n_F and Y.n_E:
+            bottom.append(EF.T if sym else self._ef3(Y, X, grid, ell, szy).T)
+        if X.n_F and Y.n_F:
+            bottom.append(nk.direct3(X.tripF, None if sym else Y.tripF, ell, n, symmetric=sym,
+                                     progress=pbar))
+        rows = [torch.cat(r, 1) for r in (top, bottom) if r]
+        if not rows:
+            return torch.zeros(X.n_rows, Y.n_rows, dtype=torch.float64, device=self.device) * ell
+        return torch.cat(rows, 0)
+
+    def _ef3(self, X, Y, grid, ell, szx_fn):
+        """Energy rows of X against force rows of Y (3-body)."""
+        n = self.n_species
+        if self._method3(X, Y, "EF", grid.n) == "direct":
+            return nk.direct3(X.tripE, Y.tripF, ell, n)
+        SZ = szx_fn() if szx_fn is not None else nk.symmetrize3(
+            nk.embed3(X.tripE, self._tri_codes, grid, ell), self._tri_codes, n).reshape(X.n_E, -1)
+        return (grid.weight(ell) ** 3) * nk.grid_cross3(SZ, self._tri_codes, Y.tripF, grid, ell)
+
+    def _unit_kernel(self, name, X, Y, ell_value, tangents=False):
+        """Unit kernel "k2" or "k3" between X and Y (Y None: X with itself) at length scale
+        `ell_value`, and dK/dlog ℓ by forward-mode AD when `tangents`."""
+        fn = self._kernel2 if name == "k2" else self._kernel3
+        ell = torch.tensor(ell_value, dtype=torch.float64, device=self.device)
+        if not tangents:
+            with torch.no_grad():
+                return fn(X, Y, ell, ell_value), None
+        with torch.no_grad(), fwAD.dual_level():
+            dual = fwAD.make_dual(ell, ell.clone())                # d ℓ / d log ℓ = ℓ
+            K, dK = fwAD.unpack_dual(fn(X, Y, dual, ell_value))
+        return K.clone(), (torch.zeros_like(K) if dK is None else dK.clone())
+
+    def _unit_kernels(self, X, Y=None):
+        """{"k2": K₂, "k3": K₃} (unit kernels at the current length scales) between X and Y."""
+        out = {"k2": self._unit_kernel("k2", X, Y, self.length_scale_2)[0]}
+        if self.order == 3:
+            out["k3"] = self._unit_kernel("k3", X, Y, self.length_scale_3)[0]
+        return out
+
+    def _noise_diag(self, obs, sigma_energy, sigma_force):
+        dev = self.device
+        e = torch.as_tensor(obs.n_atoms_E, dtype=torch.float64, device=dev) * sigma_energy
+        f = torch.ones(3 * obs.n_F, dtype=torch.float64, device=dev) * sigma_force
+        return torch.cat([e * e, f * f])
+
+    # ------------------------------------------------------------------ many-body kernel
+    def _many_frame_data(self, env, R=None, strain=None):
+        g = env.tensors(self.device, positions=R, strain=strain)
+        q = torch.stack([torch.linalg.norm(g["d_ij"], dim=1), torch.linalg.norm(g["d_ik"], dim=1),
+                         torch.linalg.norm(g["d_jk"], dim=1)], dim=1)
+        f0, _ = cutoff_function(q[:, 0], self.cutoff_3body, self.cutoff_width)
+        f1, _ = cutoff_function(q[:, 1], self.cutoff_3body, self.cutoff_width)
+        sp = torch.as_tensor(env.species, device=self.device)
+        code = nk.triple_code(sp[torch.as_tensor(env.trip_i, device=self.device)],
+                              sp[torch.as_tensor(env.trip_j, device=self.device)],
+                              sp[torch.as_tensor(env.trip_k, device=self.device)], self.n_species)
+        onehot = torch.zeros(env.n_atoms, env.n_triplets, dtype=torch.float64, device=self.device)
+        if env.n_triplets:
+            onehot[torch.as_tensor(env.trip_i, device=self.device),
+                   torch.arange(env.n_triplets, device=self.device)] = 1.0
+        return q, f0 * f1, code, onehot
+
+    def _k3_env(self, a, b, ell3):
+        """k₃ between every environment of frame a and of frame b (unit 3-body kernel, eq. 5.37)."""
+        qa, wa, ca, oa = a
+        qb, wb, cb, ob = b
+        tot = torch.zeros(qa.shape[0], qb.shape[0], dtype=torch.float64, device=self.device)
+        for pi, sg in nk.PERMS3:
+            d = qa[:, None, :] - qb[None, :, list(sg)]
+            k = torch.exp(-(d * d).sum(-1) / (2 * ell3 * ell3))
+            if self.n_species > 1:
+                k = k * (ca[:, None] == nk.permuted_triple_code(cb, pi, self.n_species)[None, :]).to(k.dtype)
+            tot = tot + k
+        return oa @ (wa[:, None] * tot * wb[None, :]) @ ob.T
+
+    def _many_S(self, a, b, ell3, ellm):
+        """Σ_{i∈a, j∈b} exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2 k₃(ρ_i,ρ_j))/2ℓ²) (eq. 5.31, unit σ)."""
+        na = torch.diagonal(self._k3_env(a, a, ell3))
+        nb = torch.diagonal(self._k3_env(b, b, ell3))
+        k = self._k3_env(a, b, ell3)
+        return torch.exp(-(na[:, None] + nb[None, :] - 2 * k) / (2 * ellm * ellm)).sum()
+
+    def _many_kernel(self, X: _Observations, Y: _Observations | None, ell3, ellm, create_graph):
+        """Unit many-body kernel between the observations of X and Y by automatic
+        differentiation of the frame-pair sums (energies: S; forces: -∂S/∂R; eqs. 5.9-5.13)."""
+        sym = Y is None
+        Y = X if sym else Y
+        dev = self.device
+        frames_X = sorted(set(X.energy_frames.tolist()) | set(X.force_index[:, 0].tolist()))
+        frames_Y = sorted(set(Y.energy_frames.tolist()) | set(Y.force_index[:, 0].tolist()))
+        rowsX = self._many_rows(X)
+        rowsY = self._many_rows(Y)
+        blocks = {}
+        pairs = [(a, b) for a in frames_X for b in frames_Y if not sym or b >= a]
+        for a, b in tqdm(pairs, desc="many-body kernel", leave=False, disable=not self.progress):
+            envA, envB = X.envs[a], Y.envs[b]
+            RA = torch.as_tensor(envA.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+            RB = torch.as_tensor(envB.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+            S = self._many_S(self._many_frame_data(envA, RA), self._many_frame_data(envB, RB),
+                             ell3, ellm)
+            gA, gB = torch.autograd.grad(S, (RA, RB), create_graph=True)
+            fa = rowsX["F"].get(a, [])
+            fb = rowsY["F"].get(b, [])
+            H = None
+            if fa and fb:
+                atomsA = [atom for atom, _ in fa]
+                sel = gA[atomsA].reshape(-1)
+                eye = torch.eye(sel.numel(), dtype=torch.float64, device=dev)
+                H = torch.autograd.grad(sel, RB, grad_outputs=eye, is_grads_batched=True,
+                                        create_graph=create_graph, retain_graph=True)[0]
+            blocks[(a, b)] = (S, gA, gB, H)
+        # assemble
+        dt = torch.float64
+        out = [[None] * len(frames_Y) for _ in frames_X]
+        for ia, a in enumerate(frames_X):
+            for ib, b in enumerate(frames_Y):
+                key, tr = ((a, b), False) if (a, b) in blocks else ((b, a), True)
+                blocks_ab = blocks[key]
+                out[ia][ib] = (blocks_ab, tr)
+        M = torch.zeros(X.n_rows, Y.n_rows, dtype=dt, device=dev) * ell3
+        entries_r, entries_c, entries_v = [], [], []
+        for ia, a in enumerate(frames_X):
+            for ib, b in enumerate(frames_Y):
+                (S, gA, gB, H), tr = out[ia][ib]
+                if tr:   # block computed as (b, a)
+                    S, gA, gB = S, gB, gA
+                eA = rowsX["E"].get(a)
+                eB = rowsY["E"].get(b)
+                fa = rowsX["F"].get(a, [])
+                fb = rowsY["F"].get(b, [])
+                if eA is not None and eB is not None:
+                    entries_r.append(torch.tensor([eA], device=dev))
+                    entries_c.append(torch.tensor([eB], device=dev))
+                    entries_v.append(S.reshape(1))
+                if eA is not None and fb:
+                    for atom, row in fb:
+                        entries_r.append(torch.full((3,), eA, device=dev))
+                        entries_c.append(torch.arange(row, row + 3, device=dev))
+                        entries_v.append(-gB[atom])
+                if fa and eB is not None:
+                    for atom, row in fa:
+                        entries_r.append(torch.arange(row, row + 3, device=dev))
+                        entries_c.append(torch.full((3,), eB, device=dev))
+                        entries_v.append(-gA[atom])
+                if fa and fb:
+                    if not tr:
+                        Hab = H.reshape(len(fa), 3, -1, 3)           # (fa, α, N_B, β)
+                    else:                                            # computed with roles swapped
+                        Hab = H.reshape(len(fb), 3, -1, 3)           # (fb, β, N_A, α)
+                        Hab = Hab[:, :, [atom for atom, _ in fa]].permute(2, 3, 0, 1)
+                        Hab = Hab.reshape(len(fa), 3, len(fb), 3)
+                    if not tr:
+                        Hab = Hab[:, :, [atom for atom, _ in fb]]
+                    for ka, (_, ra) in enumerate(fa):
+                        for kb, (_, rb) in enumerate(fb):
+                            rr = torch.arange(ra, ra + 3, device=dev)[:, None].expand(3, 3)
+                            cc = torch.arange(rb, rb + 3, device=dev)[None, :].expand(3, 3)
+                            entries_r.append(rr.reshape(-1))
+                            entries_c.append(cc.reshape(-1))
+                            entries_v.append(Hab[ka, :, kb, :].reshape(-1))
+        if entries_v:
+            M = M.index_put((torch.cat(entries_r), torch.cat(entries_c)), torch.cat(entries_v),
+                            accumulate=True)
+        return M
+
+    @staticmethod
+    def _many_rows(obs):
+        E = {int(c): k for k, c in enumerate(obs.energy_frames)}
+        F = {}
+        for k, (c, atom) in enumerate(obs.force_index):
+            F.setdefault(int(c), []).append((int(atom), obs.n_E + 3 * k))
+        return {"E": E, "F": F}
+
+    # ------------------------------------------------------------------ the joint matrix
+    def _covariance(self, log_hp: torch.Tensor | None):
+        """Noisy training covariance C(θ) (differentiable in θ = log hyperparameters if given)."""
+        obs = self._train
+        names = self.hyperparameter_names
+        if log_hp is None:
+            log_hp = torch.as_tensor(self.log_hyperparameters(), dtype=torch.float64, device=self.device)
+        v = {n: torch.exp(log_hp[k]) for k, n in enumerate(names)}
+        need = log_hp.requires_grad
+        K = 0.0
+        if self.order == "many":
+            K = v["sigma_many"] ** 2 * self._many_kernel(obs, None, v["length_scale_3"],
+                                                        v["length_scale_many"], create_graph=need)
+        else:
+            terms = [("k2", "length_scale_2", "sigma_2")]
+            if self.order == 3:
+                terms.append(("k3", "length_scale_3", "sigma_3"))
+            for name, key, sig in terms:
+                ell_value = float(v[key].detach())
+                ckey = (name, ell_value, need)
+                if ckey not in self._cache:
+                    self._cache = {k: x for k, x in self._cache.items() if k[0] != name}
+                    self._cache[ckey] = self._unit_kernel(name, obs, None, ell_value, tangents=need)
+                Kt, dK = self._cache[ckey]
+                if need:
+                    Kn = _LengthScaleKernel.apply(log_hp[names.index(key)], lambda Kt=Kt, dK=dK: (Kt, dK))
+                else:
+                    Kn = Kt
+                K = K + v[sig] ** 2 * Kn
+        D = self._noise_diag(obs, v["sigma_energy"], v["sigma_force"])
+        return K + torch.diag(D)
+
+    def _lml_from_C(self, C, y):
+        L, info = torch.linalg.cholesky_ex(C)
+        if int(info) != 0:
+            raise TrainingError(f"kernel matrix is not positive definite (leading minor {int(info)}) "
+                                f"at {self.hyperparameters}; increase sigma_energy/sigma_force")
+        a = torch.cholesky_solve(y[:, None], L)[:, 0]
+        n = y.numel()
+        lml = -0.5 * (y * a).sum() - torch.log(torch.diagonal(L)).sum() - 0.5 * n * math.log(2 * math.pi)
+        return lml, L, a
+
+    @_numerics
+    def log_marginal_likelihood(self, log_hyperparameters=None) -> torch.Tensor:
+        """Log marginal likelihood log p(y | X, θ) of the training data of the last fit (eqs. 5.4,
+        5.33): -½ yᵀC⁻¹y - ½ log|C| - n/2 log 2π with C the noisy joint energy/force matrix.
+
+        Args:
+            log_hyperparameters: None (the current hyperparameters; the stored value of the last
+                fit) or a torch tensor θ of log hyperparameters in the order of
+                :attr:`hyperparameter_names`; the result is differentiable with respect to θ.
+        Returns:
+            0-dim float64 tensor.
+        Raises:
+            TrainingError: not fitted, or C not positive definite at θ.
+        """
+        if self._train is None:
+            raise TrainingError("model is not trained: call fit() first")
+        if log_hyperparameters is None:
+            return torch.tensor(self._lml, dtype=torch.float64)
+        theta = torch.as_tensor(log_hyperparameters, dtype=torch.float64).to(self.device)
+        if theta.shape != (len(self.hyperparameter_names),):
+            raise ValueError(f"expected {len(self.hyperparameter_names)} log hyperparameters "
+                             f"({', '.join(self.hyperparameter_names)}), got shape {tuple(theta.shape)}")
+        C = self._covariance(theta)
+        return self._lml_from_C(C, self._y)[0]
+
+    # ------------------------------------------------------------------ training
+    def _prepare(self, configs: Configurations, n_envs, seed):
+        """Neighbour lists, one-body offsets, observation terms and targets of `configs`."""
+        if not isinstance(configs, Configurations):
+            raise TypeError("fit expects gpff.data.Configurations (gpff.data.load_configurations)")
+        configs.validate()
+        where = configs.path or "<configurations>"
+        self.species = configs.species
+        self.energy_unit = configs.energy_unit
+        envs = frame_environments(configs.frames, self.species, self.cutoff, self.cutoff_3body,
+                                  where)
+        n = self.n_species
+        counts = np.array([np.bincount(e.species, minlength=n) for e in envs], dtype=float)
+        if configs.energies is not None:
+            e0, *_ = np.linalg.lstsq(counts, configs.energies, rcond=None)
+            energy_frames = np.arange(len(envs))
+        else:
+            e0 = np.zeros(n)
+            energy_frames = np.zeros(0, dtype=int)
+        self.energy_offsets = {s: float(v) for s, v in zip(self.species, e0)}
+        self._e0 = np.asarray(e0, dtype=float)
+        # force environments
+        if configs.forces is not None:
+            all_envs = np.array([(c, a) for c, e in enumerate(envs) for a in range(e.n_atoms)], dtype=int)
+            if n_envs is not None and int(n_envs) < len(all_envs):
+                if int(n_envs) < 0:
+                    raise ValueError(f"n_envs must be non-negative, got {n_envs}")
+                pick = np.random.default_rng(seed).choice(len(all_envs), int(n_envs), replace=False)
+                all_envs = all_envs[np.sort(pick)]
+            force_index = all_envs
+        else:
+            force_index = np.zeros((0, 2), dtype=int)
+        if len(energy_frames) + len(force_index) == 0:
+            raise DatasetError(f"{where}: no observations (no energies and n_envs = 0)")
+        obs = self._observations(envs, energy_frames, force_index)
+        self.force_envs = obs.force_index.copy()
+        # shortest training distance and the species in use
+        rmin = np.inf
+        for e in envs:
+            if e.n_pairs:
+                d = e.positions[e.pair_j] - e.positions[e.pair_i] + e.pair_S @ e.cell
+                rmin = min(rmin, float(np.linalg.norm(d, axis=1).min()))
+        self.r_min = None if not np.isfinite(rmin) else rmin
+        self._pair_codes = sorted({int(nk.pair_code(a, b, n)) for a in range(n) for b in range(a, n)})
+        if self.order in (3, "many"):
+            present = set()
+            fmin = np.inf
+            for e in envs:
+                if e.n_triplets:
+                    s = e.species
+                    present |= set(np.unique(nk.triple_code(s[e.trip_i], s[e.trip_j], s[e.trip_k], n)).tolist())
+            if self.order == 3 and obs.tripE is not None and obs.tripE.n_terms + obs.tripF.n_terms:
+                fmin = float(min([t.q.min() for t in (obs.tripE, obs.tripF) if t.n_terms]))
+            self._tri_codes = nk.triple_closure(present, n)
+            self._fmin3 = fmin if np.isfinite(fmin) else (self.r_min or 1.0)
+        else:
+            self._tri_codes = []
+            self._fmin3 = 1.0
+        # targets
+        yE = np.zeros(0) if configs.energies is None else configs.energies - counts @ e0
+        yF = (np.array([configs.forces[c][a] for c, a in obs.force_index]).reshape(-1)
+              if len(obs.force_index) else np.zeros(0))
+        self._y = torch.as_tensor(np.concatenate([yE, yF]), dtype=torch.float64, device=self.device)
+        self._train = obs
+        self._cache = {}
+        self._configs_info = {"train_file": os.path.basename(configs.path) if configs.path else "",
+                              "train_sha256": configs.sha256,
+                              "train_indices": None if configs.indices is None else configs.indices.tolist(),
+                              "n_train_frames": len(envs), "n_train_atoms": configs.n_atoms_total,
+                              "n_energies": int(obs.n_E), "n_force_envs": int(obs.n_F),
+                              "n_observations": int(obs.n_rows), "n_envs_seed": int(seed)}
+
+    def _solve(self):
+        """Cholesky solve at the current hyperparameters; posterior-mean representations."""
+        t0 = time.perf_counter()
+        C = self._covariance(None)
+        _log(self.progress, f"Cholesky solve of the {C.shape[0]}x{C.shape[0]} kernel matrix")
+        lml, L, a = self._lml_from_C(C, self._y)
+        del C
+        self._L = L
+        self._alpha = a
+        self._lml = float(lml)
+        self._build_means()
+        return time.perf_counter() - t0
+
+    def _build_means(self):
+        """θ̄ of g₂ and g₃ on their quadrature grids and the contracted terms for direct sums."""
+        obs = self._train
+        aE = self._alpha[:obs.n_E, None]
+        aF = self._alpha[obs.n_E:].reshape(obs.n_F, 3)
+        dev = self.device
+        self._means = {}
+        if self.order == "many":
+            return
+        with torch.no_grad():
+            mean2 = self._contract(obs.pairsE, aE, obs.pairsF, aF, 1)
+            ell2 = torch.tensor(self.length_scale_2, dtype=torch.float64, device=dev)
+            g2 = self._grid2(self.length_scale_2)
+            Phi = nk.design2(mean2, self._pair_codes, g2, ell2)            # (1, n_codes G)
+            theta2 = self.sigma_2 ** 2 * g2.weight(ell2) * Phi.reshape(len(self._pair_codes), g2.n)
+            fmin2 = self.r_min if self.r_min is not None else 0.0
+            self._means["2"] = {"terms": mean2, "theta": theta2, "grid": g2,
+                                "range": g2.exact_range(fmin2, self.cutoff, self.length_scale_2)}
+            if self.order == 3:
+                mean3 = self._contract(obs.tripE, aE, obs.tripF, aF, 3)
+                ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=dev)
+                g3 = self._grid3(self.length_scale_3)
+                theta3 = None
+                if g3.n ** 3 * max(1, len(self._tri_codes)) <= GRID3_MAX_ELEMENTS:
+                    Z = nk.embed3(mean3, self._tri_codes, g3, ell3)
+                    theta3 = (self.sigma_3 ** 2 * g3.weight(ell3) ** 3
+                              * nk.symmetrize3(Z, self._tri_codes, self.n_species)[0])
+                self._means["3"] = {"terms": mean3, "theta": theta3, "grid": g3,
+                                    "range": g3.exact_range(self._fmin3, 2 * self.cutoff_3body,
+                                                            self.length_scale_3)}
+
+    @staticmethod
+    def _contract(TE, aE, TF, aF, D):
+        parts = []
+        if TE is not None and TE.n_terms:
+            t = nk.contract_components(TE, aE)
+            parts.append(nk.Terms(t.q, t.code, t.group, 1, t.A,
+                                  torch.zeros(t.n_terms, 1, D, dtype=torch.float64, device=t.q.device)))
+        if TF is not None and TF.n_terms:
+            parts.append(nk.contract_components(TF, aF))
+        if not parts:
+            z = TE if TE is not None else TF
+            dev = z.q.device
+            return nk.Terms(torch.zeros(0, D, dtype=torch.float64, device=dev),
+                            torch.zeros(0, dtype=torch.long, device=dev),
+                            torch.zeros(0, dtype=torch.long, device=dev), 1,
+                            torch.zeros(0, 1, dtype=torch.float64, device=dev),
+                            torch.zeros(0, 1, D, dtype=torch.float64, device=dev))
+        return nk.Terms.cat(parts, 1)
+
+    @_numerics
+    def fit(self, configs: Configurations, n_envs: int | None = None, seed: int = 0) -> "NBodyGP":
+        """Train on all total energies and the forces of `n_envs` random atoms of `configs`.
+
+        Args:
+            configs: training frames (gpff.data.Configurations): energies and/or forces.
+            n_envs: number of atoms whose three force components are observed, drawn at random
+                over all atoms of all frames with `seed` (None: every atom); the chosen
+                (frame, atom) pairs are in :attr:`force_envs`.
+            seed: random seed of the force-environment draw.
+        Returns:
+            self.
+        Raises:
+            DatasetError: invalid data; SpeciesError: inconsistent elements;
+            TrainingError: kernel matrix not positive definite.
+        """
+        t0 = time.perf_counter()
+        self._prepare(configs, n_envs, seed)
+        _log(self.progress, f"n-body GP (order {self.order}): {self._train.n_E} energies, "
+                            f"{self._train.n_F} force environments, {self._train.n_rows} observations")
+        self._solve()
+        self.provenance.update(self._configs_info)
+        self.provenance.update({"train_seconds": round(time.perf_counter() - t0, 2),
+                                "log_marginal_likelihood": self._lml})
+        return self
+
+    # ------------------------------------------------------------------ hyperparameters
+    @_numerics
+    def optimize(self, configs: Configurations, n_envs: int | None = None, seed: int = 0,
+                 n_frames: int | None = None, fix_noise: bool = False, max_iter: int = 30,
+                 fix=()) -> "NBodyGP":
+        """Maximise the log marginal likelihood (eq. 5.33) over the log hyperparameters with
+        torch.optim.LBFGS (strong Wolfe line search), then fit on the same data.
+
+        Args:
+            configs: frames to optimise on (typically a subset of the training set).
+            n_envs, seed: force environments as in :meth:`fit`.
+            n_frames: use this many random frames of `configs` (seeded by `seed`); None: all.
+            fix_noise: keep sigma_energy and sigma_force fixed.
+            max_iter: maximum number of L-BFGS function evaluations.
+            fix: further hyperparameter names to keep fixed.
+        Returns:
+            self, with the optimised hyperparameters, fitted on the optimisation data
+            (call :meth:`fit` on the full training set afterwards).
+        """
+        if n_frames is not None and n_frames < len(configs):
+            pick = np.sort(np.random.default_rng(seed).choice(len(configs), int(n_frames), replace=False))
+            configs = configs.subset(pick)
+        self._prepare(configs, n_envs, seed)
+        names = self.hyperparameter_names
+        fixed = set(fix)
+        if fix_noise:
+            fixed |= {"sigma_energy", "sigma_force"}
+        if self._train.n_E == 0:
+            fixed.add("sigma_energy")
+        if self._train.n_F == 0:
+            fixed.add("sigma_force")
+        free = [k for k, n in enumerate(names) if n not in fixed]
+        theta0 = torch.as_tensor(self.log_hyperparameters(), dtype=torch.float64, device=self.device)
+        x = theta0[free].clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-6, tolerance_change=1e-9)
+        nobs = self._y.numel()
+        history = []
+        bar = tqdm(total=max_iter, desc="marginal likelihood", leave=False, disable=not self.progress)
+
+        def closure():
+            opt.zero_grad()
+            theta = theta0.clone()
+            theta[free] = x
+            t1 = time.perf_counter()
+            try:
+                lml = self._lml_from_C(self._covariance(theta), self._y)[0]
+            except TrainingError:
+                loss = torch.tensor(1e30, dtype=torch.float64) + 0 * x.sum()
+                loss.backward()
+                return loss
+            loss = -lml / nobs
+            loss.backward()
+            hp = dict(zip(names, np.exp(theta.detach().cpu().numpy()).round(6).tolist()))
+            history.append({"log_marginal_likelihood": float(lml), **hp,
+                            "seconds": round(time.perf_counter() - t1, 2)})
+            bar.update(1)
+            bar.set_postfix_str(f"lml {float(lml):.1f} " + " ".join(f"{k}={v:.4g}" for k, v in hp.items()))
+            return loss
+
+        t0 = time.perf_counter()
+        opt.step(closure)
+        bar.close()
+        theta = theta0.clone()
+        theta[free] = x.detach()
+        self._set_log_hyperparameters(theta.cpu().numpy())
+        self._cache = {}
+        self._solve()
+        self.provenance.update({"optimization": {
+            "n_frames": int(len(configs)), "n_envs": int(self._train.n_F), "seed": int(seed),
+            "fixed": sorted(fixed), "evaluations": len(history), "history": history,
+            "log_marginal_likelihood": self._lml,
+            "seconds": round(time.perf_counter() - t0, 2)}})
+        self.provenance.update(self._configs_info)
+        return self
+
+    @_numerics
+    def select_order(self, configs: Configurations, orders=(2, 3, "many"), **optimize_kwargs) -> dict:
+        """Bayesian order selection (eq. 5.33): optimise the hyperparameters of a copy of this
+        model for each order and report the maximised log marginal likelihoods.
+
+        Args:
+            configs: frames (a small subset: order "many" builds its kernel by automatic
+                differentiation).
+            orders: orders to compare.
+            optimize_kwargs: passed to :meth:`optimize` (n_envs, seed, n_frames, fix_noise, ...).
+        Returns:
+            {order: maximised log marginal likelihood}; also stored as ``self.order_selection``
+            with the hyperparameters of each order.
+        """
+        out, detail = {}, {}
+        for order in orders:
+            m = self.copy(order=order)
+            m.optimize(configs, **optimize_kwargs)
+            out[order] = m._lml
+            detail[str(order)] = m.hyperparameters
+        self.order_selection = detail
+        return out
+
+    def copy(self, **changes) -> "NBodyGP":
+        """An untrained copy of this model's settings with `changes` applied."""
+        kw = dict(order=self.order, cutoff=self.cutoff, cutoff_3body=self.cutoff_3body,
+                  cutoff_width=self.cutoff_width, length_scale_2=self.length_scale_2,
+                  sigma_2=self.sigma_2, length_scale_3=self.length_scale_3, sigma_3=self.sigma_3,
+                  length_scale_many=self.length_scale_many, sigma_many=self.sigma_many,
+                  sigma_energy=self.sigma_energy, sigma_force=self.sigma_force,
+                  kernel_method=self.kernel_method, device=str(self.device), progress=self.progress)
+        kw.update(changes)
+        if kw["order"] in (3, "many") and kw["cutoff_3body"] is None:
+            kw["cutoff_3body"] = kw["cutoff"]
+        return NBodyGP(**kw)
+
+    # ------------------------------------------------------------------ posterior means
+    def _check_trained(self):
+        if self._alpha is None:
+            raise TrainingError("model is not trained: call fit() first")
+
+    def _species_index(self, symbol):
+        if symbol not in self.species:
+            raise SpeciesError(f"element {symbol} not in the model's species {', '.join(self.species)}")
+        return self.species.index(symbol)
+
+    def _g2_torch(self, r, code):
+        """Posterior mean ḡ₂ at distances r (P,) of pair codes `code` (differentiable in r)."""
+        m = self._means["2"]
+        ell = torch.tensor(self.length_scale_2, dtype=torch.float64, device=self.device)
+        lo, hi = m["range"]
+        ok = (r >= lo) & (r <= hi)
+        out = torch.zeros_like(r)
+        if bool(ok.any()):
+            idx = torch.nonzero(ok).reshape(-1)
+            out = out.index_add(0, idx, nk.eval_grid2(m["theta"], self._pair_codes, m["grid"], ell,
+                                                      r[idx], code[idx]))
+        if not bool(ok.all()):
+            idx = torch.nonzero(~ok).reshape(-1)
+            out = out.index_add(0, idx, self.sigma_2 ** 2 * nk.eval_direct2(m["terms"], ell, r[idx], code[idx]))
+        return out
+
+    def _g3_torch(self, q, code):
+        """Posterior mean ḡ₃ at triplet features q (T, 3) of ordered species codes (differentiable)."""
+        m = self._means["3"]
+        ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
+        lo, hi = m["range"]
+        ok = ((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None else torch.zeros_like(code, dtype=torch.bool)
+        out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+        if bool(ok.any()):
+            idx = torch.nonzero(ok).reshape(-1)
+            out = out.index_add(0, idx, nk.eval_grid3(m["theta"], self._tri_codes, m["grid"], ell,
+                                                      q[idx], code[idx]))
+        if not bool(ok.all()):
+            idx = torch.nonzero(~ok).reshape(-1)
+            out = out.index_add(0, idx, self.sigma_3 ** 2 * nk.eval_direct3(
+                m["terms"], ell, q[idx], code[idx], self.n_species))
+        return out
+
+    @_numerics
+    def g2(self, a: str, b: str, r) -> np.ndarray:
+        """Posterior mean of the pair function g₂^{ab}(r) (without f_c), energy unit.
+
+        Args:
+            a, b: element symbols (order irrelevant); r: distances, Å (any shape).
+        Returns:
+            array with the shape of r.
+        Raises:
+            SpeciesError: unknown element; ValueError: order "many" (no g₂).
+        """
+        self._check_trained()
+        if self.order == "many":
+            raise ValueError("an order-'many' model has no pair function g2")
+        ia, ib = self._species_index(a), self._species_index(b)
+        r = np.asarray(r, dtype=np.float64)
+        rt = torch.as_tensor(r.reshape(-1), device=self.device)
+        code = torch.full(rt.shape, int(nk.pair_code(ia, ib, self.n_species)), dtype=torch.long,
+                          device=self.device)
+        with torch.no_grad():
+            return self._g2_torch(rt, code).cpu().numpy().reshape(r.shape)
+
+    @_numerics
+    def g3(self, c: str, j: str, k: str, r_cj, r_ck, r_jk) -> np.ndarray:
+        """Posterior mean of the triplet function g₃^{c j k}(r_cj, r_ck, r_jk) (without the f_c
+        factors), energy unit; centre c, neighbours j and k.
+
+        Args:
+            c, j, k: element symbols; r_cj, r_ck, r_jk: distances, Å (broadcast together).
+        Returns:
+            array of the broadcast shape.
+        Raises:
+            SpeciesError: unknown element; ValueError: order 2 or "many" (no g₃).
+        """
+        self._check_trained()
+        if self.order != 3:
+            raise ValueError(f"an order-{self.order!r} model has no triplet function g3")
+        ic, ij, ik = (self._species_index(s) for s in (c, j, k))
+        a, b, d = np.broadcast_arrays(np.asarray(r_cj, float), np.asarray(r_ck, float),
+                                      np.asarray(r_jk, float))
+        q = torch.as_tensor(np.stack([a.reshape(-1), b.reshape(-1), d.reshape(-1)], 1),
+                            dtype=torch.float64, device=self.device)
+        code = torch.full((q.shape[0],), int(nk.triple_code(ic, ij, ik, self.n_species)),
+                          dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self._g3_torch(q, code).cpu().numpy().reshape(a.shape)
+
+    # ------------------------------------------------------------------ prediction
+    def _frames_of(self, frames):
+        if isinstance(frames, Configurations):
+            return list(frames.frames)
+        if hasattr(frames, "get_positions"):
+            return [frames]
+        return list(frames)
+
+    def _energy_torch(self, env, R, strain):
+        """Model energy of one frame (orders 2, 3) as a differentiable function of R and strain."""
+        dev = self.device
+        n = self.n_species
+        sp = torch.as_tensor(env.species, device=dev)
+        E = torch.as_tensor(self._e0, dtype=torch.float64, device=dev)[sp].sum()
+        g = env.tensors(dev, positions=R, strain=strain)
+        if env.n_pairs:
+            r = torch.linalg.norm(g["d2"], dim=1)
+            f, _ = cutoff_function(r, self.cutoff, self.cutoff_width)
+            code = nk.pair_code(sp[torch.as_tensor(env.pair_i, device=dev)],
+                                sp[torch.as_tensor(env.pair_j, device=dev)], n)
+            E = E + (f * self._g2_torch(r, code)).sum()
+        if self.order == 3 and env.n_triplets:
+            q = torch.stack([torch.linalg.norm(g["d_ij"], dim=1), torch.linalg.norm(g["d_ik"], dim=1),
+                             torch.linalg.norm(g["d_jk"], dim=1)], dim=1)
+            f0, _ = cutoff_function(q[:, 0], self.cutoff_3body, self.cutoff_width)
+            f1, _ = cutoff_function(q[:, 1], self.cutoff_3body, self.cutoff_width)
+            code = nk.triple_code(sp[torch.as_tensor(env.trip_i, device=dev)],
+                                  sp[torch.as_tensor(env.trip_j, device=dev)],
+                                  sp[torch.as_tensor(env.trip_k, device=dev)], n)
+            E = E + (f0 * f1 * self._g3_torch(q, code)).sum()
+        return E
+
+    def _energy_many(self, env, R, strain):
+        """Model energy of one frame (order "many"): e₀ + Σ_o α_o Cov(E, y_o)."""
+        dev = self.device
+        obs = self._train
+        sp = torch.as_tensor(env.species, device=dev)
+        E = torch.as_tensor(self._e0, dtype=torch.float64, device=dev)[sp].sum()
+        ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=dev)
+        ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=dev)
+        me = self._many_frame_data(env, R, strain)
+        rows = self._many_rows(obs)
+        frames = sorted(set(rows["E"]) | set(rows["F"]))
+        acc = 0.0
+        for c in frames:
+            envc = obs.envs[c]
+            Rc = torch.as_tensor(envc.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+            S = self._many_S(me, self._many_frame_data(envc, Rc), ell3, ellm)
+            if c in rows["E"]:
+                acc = acc + self._alpha[rows["E"][c]] * S
+            if c in rows["F"]:
+                (gc,) = torch.autograd.grad(S, Rc, create_graph=True)
+                for atom, row in rows["F"][c]:
+                    acc = acc - (self._alpha[row:row + 3] * gc[atom]).sum()
+        return E + self.sigma_many ** 2 * acc
+
+    @_numerics
+    def predict(self, frames, variance: bool = False) -> dict:
+        """Energies, forces, virials and stresses of the posterior-mean model.
+
+        Args:
+            frames: an ``ase.Atoms``, a list of them or Configurations (any size, periodic or not).
+            variance: also return the predictive variance of the total energy (eq. 5.15).
+        Returns:
+            dict with ``energy`` (n,) (energy unit), ``forces`` list of (N_c, 3) (energy unit/Å,
+            exactly -∂E/∂R), ``virial`` (n, 6) -∂E/∂ε in LAMMPS order xx yy zz xy xz yz (energy
+            unit), ``stress`` (n, 6) ASE Voigt order xx yy zz yz xz xy (energy unit/Å³; NaN for
+            non-periodic frames) and, with variance=True, ``energy_variance`` (n,).
+        Raises:
+            TrainingError: not fitted; SpeciesError: an element the model lacks (named);
+            DatasetError: NaN/inf positions or cell.
+        """
+        self._check_trained()
+        frames = self._frames_of(frames)
+        envs = []
+        for k, at in enumerate(frames):
+            if not np.all(np.isfinite(at.positions)) or not np.all(np.isfinite(np.asarray(at.cell.array))):
+                raise DatasetError(f"frame {k}: positions or cell contain NaN or inf")
+            envs.append(FrameEnvironment(at, self.species, self.cutoff, self.cutoff_3body))
+        dev = self.device
+        E_out, F_out, W_out, S_out = [], [], [], []
+        for env in tqdm(envs, desc="predict", leave=False, disable=not self.progress or len(envs) < 10):
+            R = torch.as_tensor(env.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+            eps = torch.zeros(3, 3, dtype=torch.float64, device=dev, requires_grad=True)
+            strain = 0.5 * (eps + eps.T)
+            E = (self._energy_many if self.order == "many" else self._energy_torch)(env, R, strain)
+            if E.requires_grad:
+                gR, gE = torch.autograd.grad(E, (R, eps), allow_unused=True)
+            else:                                    # no neighbours: a constant energy
+                gR = gE = None
+            gR = torch.zeros_like(R) if gR is None else gR
+            gE = torch.zeros_like(eps) if gE is None else gE
+            W = -gE.detach().cpu().numpy()
+            virial = np.array([W[0, 0], W[1, 1], W[2, 2], W[0, 1], W[0, 2], W[1, 2]])
+            E_out.append(float(E.detach()))
+            F_out.append(-gR.detach().cpu().numpy())
+            W_out.append(virial)
+            vol = env.volume
+            S_out.append(virial_to_stress(virial, vol) if vol > 0 else np.full(6, np.nan))
+        out = {"energy": np.array(E_out), "forces": F_out, "virial": np.array(W_out).reshape(-1, 6),
+               "stress": np.array(S_out).reshape(-1, 6)}
+        if variance:
+            out["energy_variance"] = self._energy_variance(envs)
+        return out
+
+    def _test_observations(self, envs):
+        return self._observations(envs, np.arange(len(envs)), np.zeros((0, 2), dtype=int))
+
+    def _cross_kernel(self, T: _Observations):
+        """Noise-free prior covariance between the observations of T and the training ones."""
+        if self.order == "many":
+            ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
+            ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=self.device)
+            return self.sigma_many ** 2 * self._many_kernel(T, self._train, ell3, ellm, False).detach()
+        u = self._unit_kernels(T, self._train)
+        K = self.sigma_2 ** 2 * u["k2"]
+        if self.order == 3:
+            K = K + self.sigma_3 ** 2 * u["k3"]
+        return K
+
+    def _prior_energy_cov(self, T: _Observations):
+        """Prior covariance of the energies of T among themselves (n, n)."""
+        if self.order == "many":
+            ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
+            ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=self.device)
+            return self.sigma_many ** 2 * self._many_kernel(T, None, ell3, ellm, False).detach()
+        u = self._unit_kernels(T, None)
+        K = self.sigma_2 ** 2 * u["k2"]
+        if self.order == 3:
+            K = K + self.sigma_3 ** 2 * u["k3"]
+        return K
+
+    def _energy_variance(self, envs):
+        T = self._test_observations(envs)
+        Ks = self._cross_kernel(T)                         # (n, n_train)
+        kss = torch.diagonal(self._prior_energy_cov(T))
+        v = torch.linalg.solve_triangular(self._L, Ks.T, upper=False)
+        return (kss - (v * v).sum(0)).detach().cpu().numpy()
+
+    @_numerics
+    def _predict_energy_kernel(self, frames) -> np.ndarray:
+        """GP mean energies e₀ + k*ᵀα through the kernel vector (the exact-GP formula, eq. 5.15),
+        independently of the g₂/g₃ representations (for tests)."""
+        self._check_trained()
+        envs = [FrameEnvironment(at, self.species, self.cutoff, self.cutoff_3body)
+                for at in self._frames_of(frames)]
+        T = self._test_observations(envs)
+        Ks = self._cross_kernel(T)
+        e0 = np.array([self._e0[e.species].sum() for e in envs])
+        return e0 + (Ks @ self._alpha).cpu().numpy()
+
+    # ------------------------------------------------------------------ report
+    def summary(self) -> dict:
+        """Settings, hyperparameters and training provenance as a JSON-friendly dict."""
+        return {"model": "mff", "order": self.order, "species": self.species,
+                "cutoff": self.cutoff, "cutoff_3body": self.cutoff_3body,
+                "cutoff_width": self.cutoff_width, "energy_unit": self.energy_unit,
+                "energy_offsets": dict(self.energy_offsets), "r_min": self.r_min,
+                "hyperparameters": self.hyperparameters, "kernel_method": self.kernel_method,
+                "provenance": copy.deepcopy(self.provenance)}
