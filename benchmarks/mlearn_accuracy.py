@@ -63,6 +63,8 @@ import time
 
 import numpy as np
 
+from bench_force_call import cpu_model  # noqa: E402  (same folder)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIRS = [ROOT.parent / "shared" / "data" / "mlearn", ROOT / "data" / "mlearn",
              pathlib.Path("/work/shared/data/mlearn")]
@@ -380,17 +382,6 @@ def save_entry(path, el, key, entry) -> None:
     with open(tmp, "w") as fh:
         json.dump(doc, fh, indent=1)
     os.replace(tmp, path)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _f(v, scale=1.0, fmt="{:.3f}") -> str:

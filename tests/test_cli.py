@@ -97,3 +97,38 @@ def test_default_search_and_energies(tmp_path, capsys):
     best = min(search["gradient"], key=lambda g: g["force_rmse"])
     assert best["sigma"] == pytest.approx(search["sigma"])
     assert not (tmp_path / "d.gpff.ckpt").exists()
+
+
+def test_train_nbody_test_info_export(tmp_path, capsys):
+    """gpff train nbody -> test (C++ core, per-atom energy errors) -> info -> export-table."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+
+    from conftest import ROOT
+
+    frames = read(ROOT / "data/mlearn/mlearn_Si_train.extxyz", ":")
+    data = tmp_path / "si.extxyz"
+    write(data, [a for a in frames if len(a) <= 24][:6])
+    model = tmp_path / "si.gpff"
+    assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", "--n-envs", "20",
+                 "--no-optimize", "--length-scale-2", "0.8", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_envs"] == 20 and summary["order"] == 2
+    assert summary["mapping_error"]["force_mae_vs_exact"] < 1e-4
+    assert main(["test", str(model), str(data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_frames"] == 6 and res["energy_unit"] == "eV"
+    assert 0 <= res["energy_mae"] < 0.05 and 0 < res["force_mae"] < 1.0
+    assert main(["info", str(model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "mff" and info["species"] == ["Si"] and info["cutoff"] == 5.0
+    assert info["provenance"]["n_envs"] == 20
+    assert main(["export-table", str(model), "-o", str(tmp_path / "si.table")]) == 0
+    assert json.loads(capsys.readouterr().out)["keywords"] == ["Si_Si"]
+    water = tmp_path / "h2o.extxyz"
+    h2o = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    h2o.calc = SinglePointCalculator(h2o, energy=0.0, forces=np.zeros((3, 3)))
+    write(water, h2o)
+    assert main(["test", str(model), str(water)]) == 2
+    assert "H, O" in capsys.readouterr().err

@@ -19,8 +19,10 @@ from gpff.data import Configurations, load_configurations
 from gpff.environments import FrameEnvironment, cutoff_function
 from gpff.nbody import NBodyGP
 
-MLEARN_SI = "/work/shared/data/mlearn/mlearn_Si_train.extxyz"
-NI19 = "/work/shared/data/ni19/ni19_300K_forces.xyz"
+from conftest import ROOT
+
+MLEARN_SI = str(ROOT / "data/mlearn/mlearn_Si_train.extxyz")
+NI19 = str(ROOT / "data/ni19/ni19_300K_forces.xyz")
 
 RC, RC3, WIDTH = 4.0, 3.2, 1.0
 

@@ -138,45 +138,36 @@ def cmd_export_table(args) -> dict:
     return info
 
 
-def _test_mff(args) -> dict:
-    from .data import load_configurations
-    from .evaluate import evaluate_mff
-
-    configs = load_configurations(args.data, energy_unit=args.energy_unit)
-    if args.n:
-        configs = configs.subset(np.arange(min(args.n, len(configs.frames))))
-    res = evaluate_mff(args.model, configs, plot=args.plot)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        eu = res["energy_unit"]
-        print(f"{res['n_frames']} configurations ({res['n_atoms']} atoms) of {res['data']}")
-        if res["energy_mae"] is not None:
-            print(f"energy MAE {res['energy_mae']:.5f} {eu}/atom   RMSE {res['energy_rmse']:.5f} {eu}/atom")
-        if res["force_mae"] is not None:
-            print(f"force  MAE {res['force_mae']:.5f} {eu}/Å      RMSE {res['force_rmse']:.5f} {eu}/Å")
-    return res
-
-
 def cmd_test(args) -> dict:
-    from .data import load_dataset
-    from .evaluate import evaluate_model
-    from .modelfile import read_model_file
+    from .modelfile import model_kind
 
-    if read_model_file(args.model)[0].get("model") == "mff":
-        return _test_mff(args)
-    data = load_dataset(args.data, energy_unit=args.energy_unit)
-    if args.n:
-        data = data.subset(np.arange(min(args.n, data.n_frames)))
-    res = evaluate_model(args.model, data, plot=args.plot)
+    if model_kind(args.model) == "mff":
+        from .data import load_configurations
+        from .evaluate import evaluate_mff
+
+        configs = load_configurations(args.data, energy_unit=args.energy_unit)
+        if args.n:
+            configs = configs.subset(np.arange(min(args.n, len(configs.frames))))
+        res = evaluate_mff(args.model, configs, plot=args.plot)
+        header, per = f"{res['n_frames']} configurations ({res['n_atoms']} atoms)", "/atom"
+    else:
+        from .data import load_dataset
+        from .evaluate import evaluate_model
+
+        data = load_dataset(args.data, energy_unit=args.energy_unit)
+        if args.n:
+            data = data.subset(np.arange(min(args.n, data.n_frames)))
+        res = evaluate_model(args.model, data, plot=args.plot)
+        header, per = f"{res['n_frames']} frames", ""
     if args.json:
         print(json.dumps(res))
-    else:
-        eu = res["energy_unit"]
-        print(f"{res['n_frames']} frames of {res['data']}")
-        if res["energy_mae"] is not None:
-            print(f"energy MAE {res['energy_mae']:.4f} {eu}   RMSE {res['energy_rmse']:.4f} {eu}")
-        print(f"force  MAE {res['force_mae']:.4f} {eu}/Å RMSE {res['force_rmse']:.4f} {eu}/Å")
+        return res
+    eu = res["energy_unit"]
+    print(f"{header} of {res['data']}")
+    if res["energy_mae"] is not None:
+        print(f"energy MAE {res['energy_mae']:.5g} {eu}{per}   RMSE {res['energy_rmse']:.5g} {eu}{per}")
+    if res["force_mae"] is not None:
+        print(f"force  MAE {res['force_mae']:.5g} {eu}/Å   RMSE {res['force_rmse']:.5g} {eu}/Å")
     return res
 
 

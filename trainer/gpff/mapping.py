@@ -29,15 +29,14 @@ _FD_STEP = 1e-5
 
 
 def cutoff_function(r, cutoff: float, width: float):
-    """Smooth cutoff f_c(r) and its derivative (docs/mff.md): 1 below r_c − d, cosine to 0 at r_c.
+    """Smooth cutoff f_c(r) and its derivative for numpy distances r (any shape), Å
+    (gpff.environments.cutoff_function; docs/mff.md)."""
+    import torch
 
-    r: array of distances, Å. Returns (f_c, df_c/dr), each of r's shape.
-    """
-    r = np.asarray(r, dtype=np.float64)
-    x = np.clip((r - cutoff + width) / width, 0.0, 1.0)
-    f = 0.5 * (1.0 + np.cos(np.pi * x))
-    df = np.where((x > 0) & (x < 1), -0.5 * np.pi / width * np.sin(np.pi * x), 0.0)
-    return np.where(r >= cutoff, 0.0, f), df
+    from .environments import cutoff_function as fc
+
+    f, df = fc(torch.as_tensor(np.asarray(r, dtype=np.float64)), cutoff, width)
+    return f.numpy(), df.numpy()
 
 
 class MappedForceField:

@@ -41,8 +41,10 @@ KERNEL_METHODS = ("auto", "grid", "direct")
 GRID3_EXTENSION = 0.25
 #: upper extension (Å) of the 2-body grid beyond the cutoff
 GRID2_EXTENSION = 1.0
-#: largest 3-body grid tensors (elements) the energy blocks may use
-GRID3_MAX_ELEMENTS = 3e8
+#: largest symmetrised 3-body grid embeddings (elements, float64) the energy blocks may keep
+GRID3_MAX_ELEMENTS = 4e8
+#: elements of one streamed chunk of 3-body grid embeddings
+GRID3_CHUNK_ELEMENTS = 4e7
 
 
 def _log(progress, msg):
@@ -327,47 +329,81 @@ class NBodyGP:
             return "direct"
         if self.kernel_method != "auto":
             return self.kernel_method
-        G3 = float(G) ** 3
+        G3 = float(G) ** 3 * len(self._tri_codes)
         nX, nY = X.n_E, (Y.n_E if block == "EE" else Y.n_F)
         tX = X.tripE.n_terms
         tY = Y.tripE.n_terms if block == "EE" else Y.tripF.n_terms
-        if (nX + (nY if block == "EE" else 0)) * G3 * len(self._tri_codes) * 2 > GRID3_MAX_ELEMENTS:
+        stored = (nX + (nY if block == "EE" else 0)) * G3      # symmetrised embeddings kept
+        if stored > GRID3_MAX_ELEMENTS:
             return "direct"
         direct = 6 * tX * tY * (2.5e-9 if block == "EE" else 3e-9)
-        if block == "EE":
-            grid = (tX + tY) * G3 * 2 / 2e10 + 6 * nX * nY * G3 * 2 / 5e10
-        else:
-            grid = tX * G3 * 2 / 2e10 + tY * G3 * 12 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
+        if block == "EE":       # Z of X and S Z of Y (embeddings), one GEMM
+            grid = (tX + tY) * G3 * 2 / 2e10 + nX * nY * G3 * 2 / 5e10
+        else:                   # S Z of X, the force embeddings of Y streamed, one GEMM
+            grid = tX * G3 * 2 / 2e10 + tY * G3 * 18 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
         return "grid" if grid < direct else "direct"
 
+    def _sym_embeddings(self, obs, grid, ell):
+        """S Z of the energies of `obs`: (n_E, n_tri G³), built frame chunk by frame chunk."""
+        G3 = grid.n ** 3 * len(self._tri_codes)
+        step = max(1, int(GRID3_CHUNK_ELEMENTS // G3))
+        out = torch.zeros(obs.n_E, G3, dtype=torch.float64, device=self.device) * ell
+        for g0 in range(0, obs.n_E, step):
+            g1 = min(obs.n_E, g0 + step)
+            Z = nk.embed3(obs.tripE.groups_slice(g0, g1), self._tri_codes, grid, ell)
+            out[g0:g1] = nk.symmetrize3(Z, self._tri_codes, self.n_species).reshape(g1 - g0, -1)
+        return out
+
     def _kernel3(self, X: _Observations, Y: _Observations | None, ell, ell_value):
-        """Unit 3-body kernel between the observations of X and Y (Y None: X with itself)."""
+        """Unit 3-body kernel between the observations of X and Y (Y None: X with itself).
+
+        Energy-energy and energy-force blocks by exact quadrature (symmetrised energy embeddings
+        stored once, the other side streamed in chunks) or by direct sums, whichever is cheaper;
+        force-force blocks by direct sums."""
         sym = Y is None
         Y = X if sym else Y
         n = self.n_species
         grid = self._grid3(ell_value)
+        w3 = grid.weight(ell) ** 3
         pbar = (lambda it: tqdm(it, desc="3-body force-force", leave=False)) if self.progress else None
         cache = {}
 
-        def szy():
-            if "SZ" not in cache:
-                ZY = nk.embed3(Y.tripE, self._tri_codes, grid, ell)
-                cache["SZ"] = nk.symmetrize3(ZY, self._tri_codes, n).reshape(Y.n_E, -1)
-            return cache["SZ"]
+        def sz(which):
+            if which not in cache:
+                cache[which] = self._sym_embeddings(X if which == "X" else Y, grid, ell)
+                if sym:
+                    cache["Y" if which == "X" else "X"] = cache[which]
+            return cache[which]
 
         top, bottom = [], []
         if X.n_E and Y.n_E:
             if self._method3(X, Y, "EE", grid.n) == "grid":
-                ZX = nk.embed3(X.tripE, self._tri_codes, grid, ell).reshape(X.n_E, -1)
-                top.append((grid.weight(ell) ** 3) * (ZX @ szy().T))
+                SZY = sz("Y")
+                G3 = SZY.shape[1]
+                step = max(1, int(GRID3_CHUNK_ELEMENTS // G3))
+                rows = []
+                for g0 in range(0, X.n_E, step):
+                    g1 = min(X.n_E, g0 + step)
+                    Z = nk.embed3(X.tripE.groups_slice(g0, g1), self._tri_codes, grid, ell)
+                    rows.append(Z.reshape(g1 - g0, -1) @ SZY.T)
+                top.append(w3 * torch.cat(rows, 0))
             else:
                 top.append(nk.direct3(X.tripE, None if sym else Y.tripE, ell, n, symmetric=sym))
         EF = None
         if X.n_E and Y.n_F:
-            EF = self._ef3(X, Y, grid, ell, None)
+            if self._method3(X, Y, "EF", grid.n) == "grid":
+                EF = w3 * nk.grid_cross3(sz("X"), self._tri_codes, Y.tripF, grid, ell)
+            else:
+                EF = nk.direct3(X.tripE, Y.tripF, ell, n)
             top.append(EF)
         if X.n_F and Y.n_E:
-            bottom.append(EF.T if sym else self._ef3(Y, X, grid, ell, szy).T)
+            if sym:
+                FE = EF.T
+            elif self._method3(Y, X, "EF", grid.n) == "grid":
+                FE = w3 * nk.grid_cross3(sz("Y"), self._tri_codes, X.tripF, grid, ell).T
+            else:
+                FE = nk.direct3(Y.tripE, X.tripF, ell, n).T
+            bottom.append(FE)
         if X.n_F and Y.n_F:
             bottom.append(nk.direct3(X.tripF, None if sym else Y.tripF, ell, n, symmetric=sym,
                                      progress=pbar))
@@ -375,15 +411,6 @@ class NBodyGP:
         if not rows:
             return torch.zeros(X.n_rows, Y.n_rows, dtype=torch.float64, device=self.device) * ell
         return torch.cat(rows, 0)
-
-    def _ef3(self, X, Y, grid, ell, szx_fn):
-        """Energy rows of X against force rows of Y (3-body)."""
-        n = self.n_species
-        if self._method3(X, Y, "EF", grid.n) == "direct":
-            return nk.direct3(X.tripE, Y.tripF, ell, n)
-        SZ = szx_fn() if szx_fn is not None else nk.symmetrize3(
-            nk.embed3(X.tripE, self._tri_codes, grid, ell), self._tri_codes, n).reshape(X.n_E, -1)
-        return (grid.weight(ell) ** 3) * nk.grid_cross3(SZ, self._tri_codes, Y.tripF, grid, ell)
 
     def _unit_kernel(self, name, X, Y, ell_value, tangents=False):
         """Unit kernel "k2" or "k3" between X and Y (Y None: X with itself) at length scale
