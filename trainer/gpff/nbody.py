@@ -41,6 +41,15 @@ KERNEL_METHODS = ("auto", "grid", "direct")
 GRID3_EXTENSION = 0.25
 #: upper extension (Å) of the 2-body grid beyond the cutoff
 GRID2_EXTENSION = 1.0
+#: bounds of the hyperparameters during optimisation (ℓ₂, ℓ₃ in Å; signals and noises in the
+#: energy unit): outside them the objective is penalised, so that a line-search trial step cannot
+#: ask for absurd quadrature grids
+HYPERPARAMETER_BOUNDS = {"length_scale_2": (0.05, 20.0), "length_scale_3": (0.05, 20.0),
+                         "length_scale_many": (1e-3, 1e3), "sigma_2": (1e-8, 1e4),
+                         "sigma_3": (1e-8, 1e4), "sigma_many": (1e-8, 1e4),
+                         "sigma_energy": (1e-8, 1e4), "sigma_force": (1e-8, 1e4)}
+#: largest 3-body grid of the posterior mean g₃ (elements); beyond it g₃ uses direct sums
+GRID3_MEAN_MAX_ELEMENTS = 6e7
 #: largest symmetrised 3-body grid embeddings (elements, float64) the energy blocks may keep
 GRID3_MAX_ELEMENTS = 4e8
 #: elements of one streamed chunk of 3-body grid embeddings
@@ -728,21 +737,24 @@ class NBodyGP:
         if self.order == "many":
             return
         with torch.no_grad():
-            mean2 = self._contract(obs.pairsE, aE, obs.pairsF, aF, 1)
+            mean2 = self._contract(obs.pairsE, aE, obs.pairsF, aF)
             ell2 = torch.tensor(self.length_scale_2, dtype=torch.float64, device=dev)
             g2 = self._grid2(self.length_scale_2)
-            Phi = nk.design2(mean2, self._pair_codes, g2, ell2)            # (1, n_codes G)
+            Phi = sum((nk.design2(t, self._pair_codes, g2, ell2) for t in mean2),
+                      torch.zeros(1, len(self._pair_codes) * g2.n, dtype=torch.float64, device=dev))
             theta2 = self.sigma_2 ** 2 * g2.weight(ell2) * Phi.reshape(len(self._pair_codes), g2.n)
             fmin2 = self.r_min if self.r_min is not None else 0.0
             self._means["2"] = {"terms": mean2, "theta": theta2, "grid": g2,
                                 "range": g2.exact_range(fmin2, self.cutoff, self.length_scale_2)}
             if self.order == 3:
-                mean3 = self._contract(obs.tripE, aE, obs.tripF, aF, 3)
+                mean3 = self._contract(obs.tripE, aE, obs.tripF, aF)
                 ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=dev)
                 g3 = self._grid3(self.length_scale_3)
                 theta3 = None
-                if g3.n ** 3 * max(1, len(self._tri_codes)) <= GRID3_MAX_ELEMENTS:
-                    Z = nk.embed3(mean3, self._tri_codes, g3, ell3)
+                if g3.n ** 3 * max(1, len(self._tri_codes)) <= GRID3_MEAN_MAX_ELEMENTS:
+                    Z = sum((nk.embed3(t, self._tri_codes, g3, ell3) for t in mean3),
+                            torch.zeros(1, len(self._tri_codes), g3.n, g3.n, g3.n,
+                                        dtype=torch.float64, device=dev))
                     theta3 = (self.sigma_3 ** 2 * g3.weight(ell3) ** 3
                               * nk.symmetrize3(Z, self._tri_codes, self.n_species)[0])
                 self._means["3"] = {"terms": mean3, "theta": theta3, "grid": g3,
@@ -750,23 +762,15 @@ class NBodyGP:
                                                             self.length_scale_3)}
 
     @staticmethod
-    def _contract(TE, aE, TF, aF, D):
+    def _contract(TE, aE, TF, aF):
+        """The posterior-mean functional Σ_rows α_row L_row as single-group terms: a list with
+        the energy terms (no derivative part) and the force terms."""
         parts = []
         if TE is not None and TE.n_terms:
-            t = nk.contract_components(TE, aE)
-            parts.append(nk.Terms(t.q, t.code, t.group, 1, t.A,
-                                  torch.zeros(t.n_terms, 1, D, dtype=torch.float64, device=t.q.device)))
+            parts.append(nk.contract_components(TE, aE))
         if TF is not None and TF.n_terms:
             parts.append(nk.contract_components(TF, aF))
-        if not parts:
-            z = TE if TE is not None else TF
-            dev = z.q.device
-            return nk.Terms(torch.zeros(0, D, dtype=torch.float64, device=dev),
-                            torch.zeros(0, dtype=torch.long, device=dev),
-                            torch.zeros(0, dtype=torch.long, device=dev), 1,
-                            torch.zeros(0, 1, dtype=torch.float64, device=dev),
-                            torch.zeros(0, 1, D, dtype=torch.float64, device=dev))
-        return nk.Terms.cat(parts, 1)
+        return parts
 
     @_numerics
     def fit(self, configs: Configurations, n_envs: int | None = None, seed: int = 0) -> "NBodyGP":
@@ -800,7 +804,10 @@ class NBodyGP:
                  n_frames: int | None = None, fix_noise: bool = False, max_iter: int = 30,
                  fix=()) -> "NBodyGP":
         """Maximise the log marginal likelihood (eq. 5.33) over the log hyperparameters with
-        torch.optim.LBFGS (strong Wolfe line search), then fit on the same data.
+        torch.optim.LBFGS (strong Wolfe line search), then fit on the same data. The search stays
+        inside HYPERPARAMETER_BOUNDS (ℓ between 0.05 and 20 Å, ...). Each evaluation rebuilds the
+        kernel with its length-scale derivatives (forward-mode AD, ~2-4 times a plain build);
+        small ℓ₃ makes the 3-body quadrature grids large (cost ∝ ℓ₃⁻³).
 
         Args:
             configs: frames to optimise on (typically a subset of the training set).
@@ -834,8 +841,18 @@ class NBodyGP:
         history = []
         bar = tqdm(total=max_iter, desc="marginal likelihood", leave=False, disable=not self.progress)
 
+        lo = torch.tensor([math.log(HYPERPARAMETER_BOUNDS[names[k]][0]) for k in free],
+                          dtype=torch.float64, device=self.device)
+        hi = torch.tensor([math.log(HYPERPARAMETER_BOUNDS[names[k]][1]) for k in free],
+                          dtype=torch.float64, device=self.device)
+
         def closure():
             opt.zero_grad()
+            outside = torch.relu(lo - x) + torch.relu(x - hi)
+            if bool((outside > 0).any()):           # penalty, pointing back inside the bounds
+                loss = 1e6 * (1.0 + (outside ** 2).sum())
+                loss.backward()
+                return loss
             theta = theta0.clone()
             theta[free] = x
             t1 = time.perf_counter()
@@ -858,7 +875,7 @@ class NBodyGP:
         opt.step(closure)
         bar.close()
         theta = theta0.clone()
-        theta[free] = x.detach()
+        theta[free] = torch.minimum(torch.maximum(x.detach(), lo), hi)
         self._set_log_hyperparameters(theta.cpu().numpy())
         self._cache = {}
         self._solve()
@@ -929,7 +946,8 @@ class NBodyGP:
                                                       r[idx], code[idx]))
         if not bool(ok.all()):
             idx = torch.nonzero(~ok).reshape(-1)
-            out = out.index_add(0, idx, self.sigma_2 ** 2 * nk.eval_direct2(m["terms"], ell, r[idx], code[idx]))
+            val = sum(nk.eval_direct2(t, ell, r[idx], code[idx]) for t in m["terms"])
+            out = out.index_add(0, idx, self.sigma_2 ** 2 * (val + 0 * r[idx]))
         return out
 
     def _g3_torch(self, q, code):
@@ -945,8 +963,8 @@ class NBodyGP:
                                                       q[idx], code[idx]))
         if not bool(ok.all()):
             idx = torch.nonzero(~ok).reshape(-1)
-            out = out.index_add(0, idx, self.sigma_3 ** 2 * nk.eval_direct3(
-                m["terms"], ell, q[idx], code[idx], self.n_species))
+            val = sum(nk.eval_direct3(t, ell, q[idx], code[idx], self.n_species) for t in m["terms"])
+            out = out.index_add(0, idx, self.sigma_3 ** 2 * (val + 0 * q[idx, 0]))
         return out
 
     @_numerics
