@@ -469,6 +469,22 @@ def test_g2_g3_reconstruction_identity(model3_mix):
     assert abs(m.g2("Ar", "Kr", 2.5) - m.g2("Kr", "Ar", 2.5)) == 0
 
 
+def test_g3_on_grid_equals_pointwise(model3_mix):
+    """The tensor-contraction evaluation used by the mapping equals g3 node by node, inside the
+    exact range of the quadrature grid and outside it (direct sums), to 1e-12."""
+    m = model3_mix
+    lo, hi = m._means["3"]["range"]
+    x = np.linspace(lo - 0.3, 3.0, 7)          # some nodes below the exact range
+    y = np.linspace(1.6, 3.0, 5)
+    z = np.linspace(1.7, 5.9, 6)
+    G = m.g3_on_grid("Kr", "Ar", "Kr", x, y, z)
+    X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
+    ref = m.g3("Kr", "Ar", "Kr", X, Y, Z)
+    assert G.shape == (7, 5, 6)
+    assert np.max(np.abs(G - ref)) < 1e-12 * max(1.0, np.max(np.abs(ref)))
+    assert np.max(np.abs(ref)) > 1e-6
+
+
 def test_learns_lennard_jones(model2, lj_data):
     test = lj_data.subset(np.arange(20, 26))
     p = model2.predict(test)

@@ -207,9 +207,10 @@ def _triangle_points(lo, hi, count, rng):
     return np.concatenate(pts)[:count]
 
 
-def _map_3d(fn, lo, hi, target, n_points, rng):
+def _map_3d(fn, grid_fn, lo, hi, target, n_points, rng):
     """Coefficients, axes and achieved gradient error of a triplet table of fn on the box
-    [lo, hi]² × [lo, 2 hi] (axes r_cj, r_ck, r_jk)."""
+    [lo, hi]² × [lo, 2 hi] (axes r_cj, r_ck, r_jk); grid_fn(x, y, z) gives fn on the tensor
+    grid x × y × z (None: fn at every node)."""
     check = _triangle_points(lo, hi, 300, rng)
     gref = _fd_gradient(fn, check)
     n = n_points or max(4, int(math.ceil((hi - lo) / 0.25)) + 1)
@@ -217,22 +218,27 @@ def _map_3d(fn, lo, hi, target, n_points, rng):
         n3 = 2 * n - 1 + int(math.ceil(lo / ((hi - lo) / (n - 1))))
         axes = (Axis.spanning(lo, hi, n), Axis.spanning(lo, hi, n),
                 Axis.spanning(lo, 2 * hi, max(4, n3)))
-        G = np.stack(np.meshgrid(*[a.nodes for a in axes], indexing="ij"), -1)
-        coef = interpolate(fn(G.reshape(-1, 3)).reshape(G.shape[:3]))
+        if grid_fn is not None:
+            values = grid_fn(*[a.nodes for a in axes])
+        else:
+            G = np.stack(np.meshgrid(*[a.nodes for a in axes], indexing="ij"), -1)
+            values = fn(G.reshape(-1, 3)).reshape(G.shape[:3])
+        coef = interpolate(values)
         err = float(np.max(np.linalg.norm(evaluate_3d(coef, axes, check)[1] - gref, axis=1)))
         if n_points or err <= target or 2 * n - 1 > _MAX_POINTS_3D:
             return coef, axes, err
         n = 2 * n - 1
 
 
-def map_functions(species, g2, g3=None, *, cutoff, cutoff_width, r_min, energy_offsets,
-                  cutoff_3body=None, energy_unit="eV", map_error=DEFAULT_MAP_ERROR,
+def map_functions(species, g2, g3=None, *, g3_on_grid=None, cutoff, cutoff_width, r_min,
+                  energy_offsets, cutoff_3body=None, energy_unit="eV", map_error=DEFAULT_MAP_ERROR,
                   n_points=None, n_points_3body=None, seed=0, **metadata) -> MappedForceField:
     """Tabulate local-energy functions on B-spline grids (nbody_gp_mff eqs. 5.38–5.39).
 
     species: element symbols. g2(a, b, r): g₂ of species symbols a, b at distances r (P,) →
         (P,). g3(c, j, k, r_cj, r_ck, r_jk) → (P,), or None for a 2-body model. Neither includes
-        the cutoff function.
+        the cutoff function. g3_on_grid(c, j, k, x, y, z) → (n_x, n_y, n_z): optional, g₃ on a
+        tensor-product grid (faster than g3 at every node).
     cutoff, cutoff_3body, cutoff_width: r_c, r_c3, d (Å). r_min: smallest tabulated distance, Å.
     energy_offsets: (S,) e₀ per species. map_error: target of the largest error of the table
         gradient (energy unit/Å), reached by refining the grid (each refinement halves the spacing);
@@ -255,7 +261,10 @@ def map_functions(species, g2, g3=None, *, cutoff, cutoff_width, r_min, energy_o
                 sc, sj, sk = species[c], species[j], species[k]
                 fn = lambda X: np.asarray(g3(sc, sj, sk, X[:, 0], X[:, 1], X[:, 2]),  # noqa: E731
                                           dtype=np.float64)
-                coef, axes, err = _map_3d(fn, r_min, cutoff_3body, map_error, n_points_3body, rng)
+                grid_fn = None if g3_on_grid is None else (
+                    lambda x, y, z: np.asarray(g3_on_grid(sc, sj, sk, x, y, z), dtype=np.float64))
+                coef, axes, err = _map_3d(fn, grid_fn, r_min, cutoff_3body, map_error,
+                                          n_points_3body, rng)
                 triplet_tables[(c, j, k)] = (coef, axes)
                 report["triplet"][f"{sc}-{sj}-{sk}"] = {
                     "n_points": [ax.n_points for ax in axes], "max_gradient_error": err}
@@ -284,7 +293,8 @@ def map_gp(model, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3body=Non
                             "(eqs. 5.38-5.39) decompose into tabulated functions")
     r_min = max(0.5, math.floor((model.r_min - 0.1) * 20) / 20)
     mapped = map_functions(
-        model.species, model.g2, model.g3 if model.order == 3 else None, cutoff=model.cutoff,
+        model.species, model.g2, model.g3 if model.order == 3 else None,
+        g3_on_grid=model.g3_on_grid if model.order == 3 else None, cutoff=model.cutoff,
         cutoff_3body=model.cutoff_3body if model.order == 3 else None,
         cutoff_width=model.cutoff_width, r_min=r_min,
         energy_offsets=[model.energy_offsets[s] for s in model.species],

@@ -50,7 +50,7 @@ HYPERPARAMETER_BOUNDS = {"length_scale_2": (0.05, 20.0), "length_scale_3": (0.05
                          "sigma_energy": (1e-8, 1e4), "sigma_force": (1e-8, 1e4)}
 #: largest 3-body grid of the posterior mean g₃ (elements); beyond it g₃ uses direct sums
 GRID3_MEAN_MAX_ELEMENTS = 6e7
-#: largest symmetrised 3-body grid embeddings (elements, float64) the energy blocks may keep
+#: largest symmetrised 3-body grid embeddings (elements, float64) the energy blocks keep at once
 GRID3_MAX_ELEMENTS = 4e8
 #: elements of one streamed chunk of 3-body grid embeddings
 GRID3_CHUNK_ELEMENTS = 4e7
@@ -330,8 +330,13 @@ class NBodyGP:
         PY = PX if Y is None else self._pair_design(Y, grid, ell)
         return grid.weight(ell) * (PX @ PY.T)
 
+    def _energy_chunk(self, G: int) -> int:
+        """Energy rows per chunk of symmetrised 3-body embeddings (two chunks are kept at once,
+        together at most GRID3_MAX_ELEMENTS)."""
+        return max(1, int(GRID3_MAX_ELEMENTS // (2.0 * G ** 3 * max(1, len(self._tri_codes)))))
+
     def _method3(self, X, Y, block: str, G: int) -> str:
-        """"grid" or "direct" for a 3-body energy block (cost model, memory and exactness)."""
+        """"grid" or "direct" for a 3-body energy block (cost model and exactness)."""
         feats = [X.tripE, Y.tripE if block == "EE" else Y.tripF]
         fmin = min([float(t.q.min()) for t in feats if t.n_terms] + [np.inf])
         if fmin < self._fmin3 - GRID3_EXTENSION:      # outside the exact range of the grid
@@ -342,66 +347,72 @@ class NBodyGP:
         nX, nY = X.n_E, (Y.n_E if block == "EE" else Y.n_F)
         tX = X.tripE.n_terms
         tY = Y.tripE.n_terms if block == "EE" else Y.tripF.n_terms
-        stored = (nX + (nY if block == "EE" else 0)) * G3      # symmetrised embeddings kept
-        if stored > GRID3_MAX_ELEMENTS:
-            return "direct"
-        direct = 6 * tX * tY * (2.5e-9 if block == "EE" else 3e-9)
-        if block == "EE":       # Z of X and S Z of Y (embeddings), one GEMM
-            grid = (tX + tY) * G3 * 2 / 2e10 + nX * nY * G3 * 2 / 5e10
-        else:                   # S Z of X, the force embeddings of Y streamed, one GEMM
-            grid = tX * G3 * 2 / 2e10 + tY * G3 * 18 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
+        # the symmetrised embeddings of one side are kept chunk by chunk; the other side is
+        # embedded again for every chunk
+        chunks = math.ceil((nY if block == "EE" else nX) / self._energy_chunk(G))
+        direct = 6 * tX * tY * (1e-8 if block == "EE" else 1.2e-8)
+        if block == "EE":       # S Z of Y once, Z of X per chunk, one GEMM
+            grid = (tY + chunks * tX) * G3 * 2 / 2e10 + nX * nY * G3 * 2 / 5e10
+        else:                   # S Z of X once, the force embeddings of Y per chunk, one GEMM
+            grid = tX * G3 * 2 / 2e10 + chunks * tY * G3 * 18 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
         return "grid" if grid < direct else "direct"
 
-    def _sym_embeddings(self, obs, grid, ell):
-        """S Z of the energies of `obs`: (n_E, n_tri G³), built frame chunk by frame chunk."""
+    def _sym_embeddings(self, obs, grid, ell, g0: int = 0, g1: int | None = None):
+        """S Z of the energy rows g0..g1 of `obs`: (g1 - g0, n_tri G³), frame chunk by chunk."""
+        g1 = obs.n_E if g1 is None else g1
         G3 = grid.n ** 3 * len(self._tri_codes)
         step = max(1, int(GRID3_CHUNK_ELEMENTS // G3))
-        out = torch.zeros(obs.n_E, G3, dtype=torch.float64, device=self.device) * ell
-        for g0 in range(0, obs.n_E, step):
-            g1 = min(obs.n_E, g0 + step)
-            Z = nk.embed3(obs.tripE.groups_slice(g0, g1), self._tri_codes, grid, ell)
-            out[g0:g1] = nk.symmetrize3(Z, self._tri_codes, self.n_species).reshape(g1 - g0, -1)
+        out = torch.zeros(g1 - g0, G3, dtype=torch.float64, device=self.device) * ell
+        for a in range(g0, g1, step):
+            b = min(g1, a + step)
+            Z = nk.embed3(obs.tripE.groups_slice(a, b), self._tri_codes, grid, ell)
+            out[a - g0:b - g0] = nk.symmetrize3(Z, self._tri_codes, self.n_species).reshape(b - a, -1)
         return out
 
     def _kernel3(self, X: _Observations, Y: _Observations | None, ell, ell_value):
         """Unit 3-body kernel between the observations of X and Y (Y None: X with itself).
 
         Energy-energy and energy-force blocks by exact quadrature (symmetrised energy embeddings
-        stored once, the other side streamed in chunks) or by direct sums, whichever is cheaper;
-        force-force blocks by direct sums."""
+        kept for at most GRID3_MAX_ELEMENTS at a time, the other side streamed) or by direct sums,
+        whichever is cheaper; force-force blocks by direct sums."""
         sym = Y is None
         Y = X if sym else Y
         n = self.n_species
         grid = self._grid3(ell_value)
         w3 = grid.weight(ell) ** 3
         pbar = (lambda it: tqdm(it, desc="3-body force-force", leave=False)) if self.progress else None
+        chunk = self._energy_chunk(grid.n)
         cache = {}
 
-        def sz(which):
-            if which not in cache:
-                cache[which] = self._sym_embeddings(X if which == "X" else Y, grid, ell)
-                if sym:
-                    cache["Y" if which == "X" else "X"] = cache[which]
-            return cache[which]
+        def sz(obs, g0, g1):
+            """S Z of energy rows g0..g1 of obs (the last chunk is kept: EE then EF reuse it)."""
+            key = (id(obs), g0, g1)
+            if key not in cache:
+                cache.clear()
+                cache[key] = self._sym_embeddings(obs, grid, ell, g0, g1)
+            return cache[key]
 
         top, bottom = [], []
         if X.n_E and Y.n_E:
             if self._method3(X, Y, "EE", grid.n) == "grid":
-                SZY = sz("Y")
-                G3 = SZY.shape[1]
-                step = max(1, int(GRID3_CHUNK_ELEMENTS // G3))
-                rows = []
-                for g0 in range(0, X.n_E, step):
-                    g1 = min(X.n_E, g0 + step)
-                    Z = nk.embed3(X.tripE.groups_slice(g0, g1), self._tri_codes, grid, ell)
-                    rows.append(Z.reshape(g1 - g0, -1) @ SZY.T)
-                top.append(w3 * torch.cat(rows, 0))
+                # Z_X S Z_Yᵀ = (S Z_X)(S Z_Y)ᵀ / 6: S = Σ_π P_π is symmetric and S² = 6 S
+                cols = []
+                for c0 in range(0, Y.n_E, chunk):
+                    SZY = sz(Y, c0, min(Y.n_E, c0 + chunk))
+                    if sym and chunk >= X.n_E:
+                        cols.append(SZY @ SZY.T)
+                        continue
+                    cols.append(torch.cat([sz(X, g0, min(X.n_E, g0 + chunk)) @ SZY.T
+                                           for g0 in range(0, X.n_E, chunk)], 0))
+                top.append(w3 / 6.0 * torch.cat(cols, 1))
             else:
                 top.append(nk.direct3(X.tripE, None if sym else Y.tripE, ell, n, symmetric=sym))
         EF = None
         if X.n_E and Y.n_F:
             if self._method3(X, Y, "EF", grid.n) == "grid":
-                EF = w3 * nk.grid_cross3(sz("X"), self._tri_codes, Y.tripF, grid, ell)
+                EF = w3 * torch.cat([
+                    nk.grid_cross3(sz(X, g0, min(X.n_E, g0 + chunk)), self._tri_codes, Y.tripF,
+                                   grid, ell) for g0 in range(0, X.n_E, chunk)], 0)
             else:
                 EF = nk.direct3(X.tripE, Y.tripF, ell, n)
             top.append(EF)
@@ -409,7 +420,9 @@ class NBodyGP:
             if sym:
                 FE = EF.T
             elif self._method3(Y, X, "EF", grid.n) == "grid":
-                FE = w3 * nk.grid_cross3(sz("Y"), self._tri_codes, X.tripF, grid, ell).T
+                FE = w3 * torch.cat([
+                    nk.grid_cross3(sz(Y, g0, min(Y.n_E, g0 + chunk)), self._tri_codes, X.tripF,
+                                   grid, ell) for g0 in range(0, Y.n_E, chunk)], 0).T
             else:
                 FE = nk.direct3(Y.tripE, X.tripF, ell, n).T
             bottom.append(FE)
@@ -1013,6 +1026,47 @@ class NBodyGP:
                           dtype=torch.long, device=self.device)
         with torch.no_grad():
             return self._g3_torch(q, code).cpu().numpy().reshape(a.shape)
+
+    @_numerics
+    def g3_on_grid(self, c: str, j: str, k: str, r_cj, r_ck, r_jk) -> np.ndarray:
+        """ḡ₃^{c j k} on the tensor-product grid r_cj × r_ck × r_jk (what the mapping tabulates).
+
+        Equal to :meth:`g3` at every node, but the nodes inside the exact range of the quadrature
+        grid cost three tensor contractions of θ̄ (G³ n₁ + G² n₁n₂ + G n₁n₂n₃ operations instead
+        of G³ per node); the other nodes go through :meth:`g3`.
+
+        Args:
+            c, j, k: element symbols; r_cj (n₁,), r_ck (n₂,), r_jk (n₃,): node distances, Å.
+        Returns:
+            (n₁, n₂, n₃) array, energy unit.
+        Raises:
+            SpeciesError: unknown element; ValueError: order 2 or "many".
+        """
+        self._check_trained()
+        if self.order != 3:
+            raise ValueError(f"an order-{self.order!r} model has no triplet function g3")
+        axes = [np.asarray(x, dtype=np.float64).reshape(-1) for x in (r_cj, r_ck, r_jk)]
+        m = self._means["3"]
+        out = np.empty([len(x) for x in axes])
+        inside = [np.zeros(len(x), dtype=bool) for x in axes]
+        if m["theta"] is not None:
+            lo, hi = m["range"]
+            inside = [(x >= lo) & (x <= hi) for x in axes]
+        if all(s.any() for s in inside):
+            code = int(nk.triple_code(*(self._species_index(s) for s in (c, j, k)), self.n_species))
+            theta = m["theta"][self._tri_codes.index(code)]                     # (G, G, G)
+            ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
+            P = [m["grid"].basis(torch.as_tensor(x[s], device=self.device), ell)[0]
+                 for x, s in zip(axes, inside)]
+            with torch.no_grad():
+                T = torch.tensordot(P[0], theta, dims=([1], [0]))                 # (n₁, G, G)
+                T = torch.einsum("ubc,vb->uvc", T, P[1])                          # (n₁, n₂, G)
+                out[np.ix_(*inside)] = (T @ P[2].T).cpu().numpy()
+        rest = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+        if rest.any():
+            idx = np.nonzero(rest)
+            out[idx] = self.g3(c, j, k, axes[0][idx[0]], axes[1][idx[1]], axes[2][idx[2]])
+        return out
 
     # ------------------------------------------------------------------ prediction
     def _frames_of(self, frames):

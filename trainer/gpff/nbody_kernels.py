@@ -15,8 +15,9 @@ Exact quadrature (the "grid" path). For the Gaussian,
 
     exp(-(x - x')² / 2ℓ²) = c ∫ exp(-(x - u)²/ℓ²) exp(-(x' - u)²/ℓ²) du,   c = 1/(ℓ √(π/2)),
 
-and the trapezoid rule on nodes of spacing h ≤ ℓ/3 that extend 5ℓ beyond the midpoints
-(x + x')/2 reproduces it to ~1e-19 relative (Poisson summation: error ~ exp(-π²ℓ²/2h²)). A
+and the trapezoid rule on nodes of spacing h that extend 5ℓ beyond the midpoints (x + x')/2
+reproduces it to exp(-π²ℓ²/2h²) relative (Poisson summation): ~1e-34 for the 2-body grids
+(h = ℓ/4), ~4e-14 per axis for the 3-body grids (h = ℓ/2.5, whose cost grows as (ℓ/h)³). A
 functional then becomes a vector on the grid: φ_u(x) = exp(-(x - u)²/ℓ²) per axis, tensor
 products in 3-D, and covariances become dot products Z · S Z' with S the S₃ symmetriser
 (:class:`Grid`, :func:`embed3`, :func:`symmetrize3`). The 2-body kernel is handled entirely in
@@ -40,7 +41,7 @@ import torch
 SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
 #: nodes per length scale of the quadrature grids (trapezoid error ~ exp(-π² n²/2))
 POINTS_PER_ELL_2 = 4.0
-POINTS_PER_ELL_3 = 3.0
+POINTS_PER_ELL_3 = 2.5
 #: grid margin beyond the feature range, in length scales (truncation error ~ erfc(√2·5)/2)
 MARGIN_ELLS = 5.0
 #: terms per packed batch in the direct sums (memory ~ TERMS_PER_BATCH² × 8 bytes)
@@ -405,7 +406,8 @@ class Grid:
     """Uniform quadrature nodes u_0 + m h (m = 0..G-1) for the Gaussian of length scale ℓ.
 
     φ_u(x) = exp(-(x - u)²/ℓ²);  exp(-(x - x')²/2ℓ²) = w Σ_u φ_u(x) φ_u(x'),  w = h/(ℓ √(π/2)),
-    exact to ~1e-19 when (x + x')/2 lies in [lo + 5ℓ, hi - 5ℓ] and h = ℓ/points_per_ell ≤ ℓ/3.
+    exact to exp(-π² points_per_ell²/2) relative when (x + x')/2 lies in [lo + 5ℓ, hi - 5ℓ]
+    (h = ℓ/points_per_ell).
     """
 
     def __init__(self, lo: float, hi: float, ell_value: float, points_per_ell: float, device):
