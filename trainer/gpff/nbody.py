@@ -310,8 +310,8 @@ class NBodyGP:
                        self.device)
 
     def _grid3(self, ell_value):
-        return nk.Grid.for_features(self._fmin3 - GRID3_EXTENSION, 2 * self.cutoff_3body,
-                                    ell_value, nk.POINTS_PER_ELL_3, self.device)
+        return nk.Grid3(self._fmin3 - GRID3_EXTENSION, self.cutoff_3body, 2 * self.cutoff_3body,
+                        ell_value, nk.POINTS_PER_ELL_3, self.device)
 
     # ------------------------------------------------------------------ kernel blocks
     def _pair_design(self, obs: _Observations, grid, ell):
@@ -330,12 +330,12 @@ class NBodyGP:
         PY = PX if Y is None else self._pair_design(Y, grid, ell)
         return grid.weight(ell) * (PX @ PY.T)
 
-    def _energy_chunk(self, G: int) -> int:
-        """Energy rows per chunk of symmetrised 3-body embeddings (two chunks are kept at once,
-        together at most GRID3_MAX_ELEMENTS)."""
-        return max(1, int(GRID3_MAX_ELEMENTS // (2.0 * G ** 3 * max(1, len(self._tri_codes)))))
+    def _energy_chunk(self, size: int) -> int:
+        """Energy rows per chunk of 3-body embeddings Z, S Z (two chunks of both are kept at
+        once, together at most GRID3_MAX_ELEMENTS)."""
+        return max(1, int(GRID3_MAX_ELEMENTS // (4.0 * size * max(1, len(self._tri_codes)))))
 
-    def _method3(self, X, Y, block: str, G: int) -> str:
+    def _method3(self, X, Y, block: str, size: int) -> str:
         """"grid" or "direct" for a 3-body energy block (cost model and exactness)."""
         feats = [X.tripE, Y.tripE if block == "EE" else Y.tripF]
         fmin = min([float(t.q.min()) for t in feats if t.n_terms] + [np.inf])
@@ -343,13 +343,13 @@ class NBodyGP:
             return "direct"
         if self.kernel_method != "auto":
             return self.kernel_method
-        G3 = float(G) ** 3 * len(self._tri_codes)
+        G3 = float(size) * len(self._tri_codes)
         nX, nY = X.n_E, (Y.n_E if block == "EE" else Y.n_F)
         tX = X.tripE.n_terms
         tY = Y.tripE.n_terms if block == "EE" else Y.tripF.n_terms
         # the symmetrised embeddings of one side are kept chunk by chunk; the other side is
         # embedded again for every chunk
-        chunks = math.ceil((nY if block == "EE" else nX) / self._energy_chunk(G))
+        chunks = math.ceil((nY if block == "EE" else nX) / self._energy_chunk(size))
         direct = 6 * tX * tY * (1e-8 if block == "EE" else 1.2e-8)
         if block == "EE":       # S Z of Y once, Z of X per chunk, one GEMM
             grid = (tY + chunks * tX) * G3 * 2 / 2e10 + nX * nY * G3 * 2 / 5e10
@@ -357,17 +357,19 @@ class NBodyGP:
             grid = tX * G3 * 2 / 2e10 + chunks * tY * G3 * 18 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
         return "grid" if grid < direct else "direct"
 
-    def _sym_embeddings(self, obs, grid, ell, g0: int = 0, g1: int | None = None):
-        """S Z of the energy rows g0..g1 of `obs`: (g1 - g0, n_tri G³), frame chunk by chunk."""
+    def _embeddings(self, obs, grid, ell, g0: int = 0, g1: int | None = None):
+        """Z and S Z of the energy rows g0..g1 of `obs`: two (g1 - g0, n_tri · grid.size)."""
         g1 = obs.n_E if g1 is None else g1
-        G3 = grid.n ** 3 * len(self._tri_codes)
+        G3 = grid.size * len(self._tri_codes)
         step = max(1, int(GRID3_CHUNK_ELEMENTS // G3))
-        out = torch.zeros(g1 - g0, G3, dtype=torch.float64, device=self.device) * ell
+        Z = torch.zeros(g1 - g0, G3, dtype=torch.float64, device=self.device) * ell
+        SZ = torch.zeros_like(Z)
         for a in range(g0, g1, step):
             b = min(g1, a + step)
-            Z = nk.embed3(obs.tripE.groups_slice(a, b), self._tri_codes, grid, ell)
-            out[a - g0:b - g0] = nk.symmetrize3(Z, self._tri_codes, self.n_species).reshape(b - a, -1)
-        return out
+            z = nk.embed3(obs.tripE.groups_slice(a, b), self._tri_codes, grid, ell)
+            Z[a - g0:b - g0] = z.reshape(b - a, -1)
+            SZ[a - g0:b - g0] = nk.symmetrize3(z, self._tri_codes, self.n_species).reshape(b - a, -1)
+        return Z, SZ
 
     def _kernel3(self, X: _Observations, Y: _Observations | None, ell, ell_value):
         """Unit 3-body kernel between the observations of X and Y (Y None: X with itself).
@@ -381,37 +383,36 @@ class NBodyGP:
         grid = self._grid3(ell_value)
         w3 = grid.weight(ell) ** 3
         pbar = (lambda it: tqdm(it, desc="3-body force-force", leave=False)) if self.progress else None
-        chunk = self._energy_chunk(grid.n)
+        chunk = self._energy_chunk(grid.size)
         cache = {}
 
-        def sz(obs, g0, g1):
-            """S Z of energy rows g0..g1 of obs (the last chunk is kept: EE then EF reuse it)."""
+        def emb(obs, g0, g1):
+            """(Z, S Z) of energy rows g0..g1 of obs (the last chunk is kept: EE then EF reuse it)."""
             key = (id(obs), g0, g1)
             if key not in cache:
                 cache.clear()
-                cache[key] = self._sym_embeddings(obs, grid, ell, g0, g1)
+                cache[key] = self._embeddings(obs, grid, ell, g0, g1)
             return cache[key]
 
         top, bottom = [], []
         if X.n_E and Y.n_E:
-            if self._method3(X, Y, "EE", grid.n) == "grid":
-                # Z_X S Z_Yᵀ = (S Z_X)(S Z_Y)ᵀ / 6: S = Σ_π P_π is symmetric and S² = 6 S
+            if self._method3(X, Y, "EE", grid.size) == "grid":
                 cols = []
                 for c0 in range(0, Y.n_E, chunk):
-                    SZY = sz(Y, c0, min(Y.n_E, c0 + chunk))
+                    ZY, SZY = emb(Y, c0, min(Y.n_E, c0 + chunk))
                     if sym and chunk >= X.n_E:
-                        cols.append(SZY @ SZY.T)
+                        cols.append(ZY @ SZY.T)
                         continue
-                    cols.append(torch.cat([sz(X, g0, min(X.n_E, g0 + chunk)) @ SZY.T
+                    cols.append(torch.cat([emb(X, g0, min(X.n_E, g0 + chunk))[0] @ SZY.T
                                            for g0 in range(0, X.n_E, chunk)], 0))
-                top.append(w3 / 6.0 * torch.cat(cols, 1))
+                top.append(w3 * torch.cat(cols, 1))
             else:
                 top.append(nk.direct3(X.tripE, None if sym else Y.tripE, ell, n, symmetric=sym))
         EF = None
         if X.n_E and Y.n_F:
-            if self._method3(X, Y, "EF", grid.n) == "grid":
+            if self._method3(X, Y, "EF", grid.size) == "grid":
                 EF = w3 * torch.cat([
-                    nk.grid_cross3(sz(X, g0, min(X.n_E, g0 + chunk)), self._tri_codes, Y.tripF,
+                    nk.grid_cross3(emb(X, g0, min(X.n_E, g0 + chunk))[1], self._tri_codes, Y.tripF,
                                    grid, ell) for g0 in range(0, X.n_E, chunk)], 0)
             else:
                 EF = nk.direct3(X.tripE, Y.tripF, ell, n)
@@ -419,9 +420,9 @@ class NBodyGP:
         if X.n_F and Y.n_E:
             if sym:
                 FE = EF.T
-            elif self._method3(Y, X, "EF", grid.n) == "grid":
+            elif self._method3(Y, X, "EF", grid.size) == "grid":
                 FE = w3 * torch.cat([
-                    nk.grid_cross3(sz(Y, g0, min(Y.n_E, g0 + chunk)), self._tri_codes, X.tripF,
+                    nk.grid_cross3(emb(Y, g0, min(Y.n_E, g0 + chunk))[1], self._tri_codes, X.tripF,
                                    grid, ell) for g0 in range(0, Y.n_E, chunk)], 0).T
             else:
                 FE = nk.direct3(Y.tripE, X.tripF, ell, n).T
@@ -764,9 +765,9 @@ class NBodyGP:
                 ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=dev)
                 g3 = self._grid3(self.length_scale_3)
                 theta3 = None
-                if g3.n ** 3 * max(1, len(self._tri_codes)) <= GRID3_MEAN_MAX_ELEMENTS:
+                if g3.size * max(1, len(self._tri_codes)) <= GRID3_MEAN_MAX_ELEMENTS:
                     Z = sum((nk.embed3(t, self._tri_codes, g3, ell3) for t in mean3),
-                            torch.zeros(1, len(self._tri_codes), g3.n, g3.n, g3.n,
+                            torch.zeros(1, len(self._tri_codes), *g3.shape,
                                         dtype=torch.float64, device=dev))
                     theta3 = (self.sigma_3 ** 2 * g3.weight(ell3) ** 3
                               * nk.symmetrize3(Z, self._tri_codes, self.n_species)[0])
@@ -967,8 +968,9 @@ class NBodyGP:
         """Posterior mean ḡ₃ at triplet features q (T, 3) of ordered species codes (differentiable)."""
         m = self._means["3"]
         ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
-        lo, hi = m["range"]
-        ok = ((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None else torch.zeros_like(code, dtype=torch.bool)
+        lo, hi = (torch.as_tensor(v, device=q.device) for v in m["range"])
+        ok = (((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None
+              else torch.zeros_like(code, dtype=torch.bool))
         out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
         if bool(ok.any()):
             idx = torch.nonzero(ok).reshape(-1)
@@ -1051,13 +1053,13 @@ class NBodyGP:
         inside = [np.zeros(len(x), dtype=bool) for x in axes]
         if m["theta"] is not None:
             lo, hi = m["range"]
-            inside = [(x >= lo) & (x <= hi) for x in axes]
+            inside = [(x >= lo[a]) & (x <= hi[a]) for a, x in enumerate(axes)]
         if all(s.any() for s in inside):
             code = int(nk.triple_code(*(self._species_index(s) for s in (c, j, k)), self.n_species))
             theta = m["theta"][self._tri_codes.index(code)]                     # (G, G, G)
             ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
-            P = [m["grid"].basis(torch.as_tensor(x[s], device=self.device), ell)[0]
-                 for x, s in zip(axes, inside)]
+            P = [m["grid"].basis(torch.as_tensor(x[s], device=self.device), ell, axis=a)[0]
+                 for a, (x, s) in enumerate(zip(axes, inside))]
             with torch.no_grad():
                 T = torch.tensordot(P[0], theta, dims=([1], [0]))                 # (n₁, G, G)
                 T = torch.einsum("ubc,vb->uvc", T, P[1])                          # (n₁, n₂, G)

@@ -44,6 +44,8 @@ POINTS_PER_ELL_2 = 4.0
 POINTS_PER_ELL_3 = 2.5
 #: grid margin beyond the feature range, in length scales (truncation error ~ erfc(√2·5)/2)
 MARGIN_ELLS = 5.0
+#: margin of the 3-body pair axes above r_c3, in length scales (error ≤ exp(-6²) ≈ 2e-16)
+BOX_MARGIN_ELLS = 6.0
 #: terms per packed batch in the direct sums (memory ~ TERMS_PER_BATCH² × 8 bytes)
 TERMS_PER_BATCH = 2048
 
@@ -420,24 +422,65 @@ class Grid:
         return self.h / (ell * SQRT_HALF_PI)
 
     def basis(self, x, ell, derivative: bool = False):
-        """φ (…, G) at x (…) and, if asked, ∂φ/∂x. Values below e^-200 are set to zero (they
-        are far below rounding, and their products would be slow denormal numbers)."""
-        d = x[..., None] - self.nodes
+        """φ (…, G) at x (…) and, if asked, ∂φ/∂x."""
+        return Grid.basis_on(self.nodes, x, ell, derivative)
+
+    @staticmethod
+    def basis_on(nodes, x, ell, derivative: bool = False):
+        """φ_u(x) = exp(-(x - u)²/ℓ²) (…, len(nodes)) and, if asked, ∂φ/∂x. Values below e^-200
+        are set to zero (far below rounding; their products would be slow denormal numbers)."""
+        d = x[..., None] - nodes
         a = d * d / (ell * ell)
         phi = torch.where(a < 200.0, torch.exp(-a), torch.zeros_like(a))
         if not derivative:
             return phi, None
         return phi, -2.0 * d / (ell * ell) * phi
 
-    @staticmethod
-    def for_features(fmin: float, fmax: float, ell_value: float, points_per_ell: float, device):
-        m = MARGIN_ELLS * ell_value
-        return Grid(fmin - m, fmax + m, ell_value, points_per_ell, device)
-
     def exact_range(self, fmin: float, fmax: float, ell_value: float):
         """Queries x whose midpoints with every training feature in [fmin, fmax] are covered."""
         m = MARGIN_ELLS * ell_value
         return 2 * (self.lo + m) - fmin, 2 * (self.lo + self.h * (self.n - 1) - m) - fmax
+
+
+class Grid3:
+    """3-body quadrature nodes on the box [lo, lo + (n01-1)h]² × [lo, lo + (n-1)h] of the axes
+    (r_ij, r_ik, r_jk): the pair axes stop BOX_MARGIN_ELLS ℓ above the 3-body cutoff, the r_jk
+    axis MARGIN_ELLS ℓ above 2 r_c3 (nodes lo + m h shared by all axes, so the S₃ permutations of
+    :func:`symmetrize3` map nodes onto nodes).
+
+    A functional of triplets whose pair distances are ≤ r_c3 has no weight beyond the box, so
+    Σ_π k(q, π q') = w³ Σ_{u ∈ box} φ_u(q) (S φ(q'))_u with an error ≤ exp(-BOX_MARGIN_ELLS²)
+    relative (the worst case is π q' with a pair coordinate ≈ r_c3 + BOX_MARGIN_ELLS ℓ), and
+    the box has ~(r_c3 / 2 r_c3)² of the cube's nodes.
+    """
+
+    def __init__(self, fmin: float, fmax01: float, fmax2: float, ell_value: float,
+                 points_per_ell: float, device):
+        self.h = ell_value / points_per_ell
+        self.lo = fmin - MARGIN_ELLS * ell_value
+        self.n = int(math.ceil((fmax2 + MARGIN_ELLS * ell_value - self.lo) / self.h)) + 1
+        self.n01 = min(self.n, int(math.ceil((fmax01 + BOX_MARGIN_ELLS * ell_value - self.lo)
+                                             / self.h)) + 1)
+        self.nodes = self.lo + self.h * torch.arange(self.n, dtype=torch.float64, device=device)
+        self.shape = (self.n01, self.n01, self.n)
+        self.size = self.n01 * self.n01 * self.n
+
+    def weight(self, ell):
+        return self.h / (ell * SQRT_HALF_PI)
+
+    def basis(self, x, ell, derivative: bool = False, axis: int = 2):
+        """φ (…, n01 or n) at x (…) on the nodes of `axis` (0, 1: pair axes; 2: r_jk), and ∂φ/∂x."""
+        nodes = self.nodes if axis == 2 else self.nodes[:self.n01]
+        return Grid.basis_on(nodes, x, ell, derivative)
+
+    def exact_range(self, fmin: float, fmax: float, ell_value: float):
+        """(lo (3,), hi (3,)): queries q with lo ≤ q ≤ hi per axis are evaluated exactly against
+        training features in [fmin, fmax] (midpoints covered; pair axes up to the box margin)."""
+        m = MARGIN_ELLS * ell_value
+        lo = 2 * (self.lo + m) - fmin
+        hi01 = self.lo + self.h * (self.n01 - 1) - BOX_MARGIN_ELLS * ell_value
+        hi2 = 2 * (self.lo + self.h * (self.n - 1) - m) - fmax
+        return np.array([lo, lo, lo]), np.array([hi01, hi01, hi2])
 
 
 def design2(terms: Terms, codes: list, grid: Grid, ell, chunk: int = 1 << 22) -> torch.Tensor:
@@ -476,40 +519,40 @@ def _embed_batches(sel: Terms, grid: Grid, ell, max_elements: int, split: bool):
 
     The derivative terms share three Khatri-Rao products (φ0⊗φ1, φ0'⊗φ1, φ0⊗φ1') and the
     coefficients ride on the last axis, so the work is one batched GEMM per batch."""
-    G = grid.n
+    G, P = grid.n, grid.n01 * grid.n01
     c = sel.c
     deriv = sel.B is not None
     kr = 3 if deriv else 1
-    for g, idx, valid in pack(sel, max_terms=max(16, max_elements // (kr * G * G)), split=split):
+    for g, idx, valid in pack(sel, max_terms=max(16, max_elements // (kr * P)), split=split):
         q, _, A, B = _gather(sel, idx, valid)
         n, L = idx.shape
-        p0, d0 = grid.basis(q[..., 0], ell, deriv)
-        p1, d1 = grid.basis(q[..., 1], ell, deriv)
-        p2, d2 = grid.basis(q[..., 2], ell, deriv)
+        p0, d0 = grid.basis(q[..., 0], ell, deriv, axis=0)
+        p1, d1 = grid.basis(q[..., 1], ell, deriv, axis=1)
+        p2, d2 = grid.basis(q[..., 2], ell, deriv, axis=2)
         if deriv:
             left = torch.stack([p0, d0, p0], dim=1)                        # (n, 3, L, G)
             right = torch.stack([p1, p1, d1], dim=1)
-            KR = (left[..., :, None] * right[..., None, :]).reshape(n, 3 * L, G * G)
+            KR = (left[..., :, None] * right[..., None, :]).reshape(n, 3 * L, P)
             # right factors per α: [A_α φ2 + B_α2 φ2' ; B_α0 φ2 ; B_α1 φ2]
             f0 = A[..., :, None] * p2[:, :, None, :] + B[..., 2, None] * d2[:, :, None, :]
             f1 = B[..., 0, None] * p2[:, :, None, :]
             f2 = B[..., 1, None] * p2[:, :, None, :]
             Rf = torch.cat([f0, f1, f2], dim=1).reshape(n, 3 * L, c * G)   # (n, 3L, c G)
         else:
-            KR = (p0[..., :, None] * p1[..., None, :]).reshape(n, L, G * G)
+            KR = (p0[..., :, None] * p1[..., None, :]).reshape(n, L, P)
             Rf = (A[..., :, None] * p2[:, :, None, :]).reshape(n, L, c * G)
-        Zb = torch.bmm(KR.transpose(1, 2), Rf)                              # (n, G², c G)
-        yield g, Zb.reshape(n, G * G, c, G).permute(0, 2, 1, 3).reshape(n, c, G * G * G)
+        Zb = torch.bmm(KR.transpose(1, 2), Rf)                              # (n, n01², c G)
+        yield g, Zb.reshape(n, P, c, G).permute(0, 2, 1, 3).reshape(n, c, P * G)
 
 
-def embed3(terms: Terms, tri_codes: list, grid: Grid, ell, max_elements: int = 1 << 23) -> torch.Tensor:
-    """Grid representation of 3-body functionals: (n_rows, n_tri, G, G, G) with, for the term
-    species slot s, Σ_t A_t φ(q_t0)⊗φ(q_t1)⊗φ(q_t2) + B_t · ∇(...) (row g*c + α). Species codes
-    not in `tri_codes` are dropped (their functions are zero)."""
-    G = grid.n
+def embed3(terms: Terms, tri_codes: list, grid: Grid3, ell,
+           max_elements: int = 1 << 23) -> torch.Tensor:
+    """Grid representation of 3-body functionals: (n_rows, n_tri, n01, n01, n) with, for the
+    term species slot s, Σ_t A_t φ(q_t0)⊗φ(q_t1)⊗φ(q_t2) + B_t · ∇(...) (row g*c + α). Species
+    codes not in `tri_codes` are dropped (their functions are zero)."""
     ntri = len(tri_codes)
     c = terms.c
-    out = torch.zeros(terms.n_groups, c, ntri, G * G * G, dtype=torch.float64,
+    out = torch.zeros(terms.n_groups, c, ntri, grid.size, dtype=torch.float64,
                       device=terms.q.device) * ell
     for si, code in enumerate(tri_codes):
         sel = terms.select(terms.code == code)
@@ -517,14 +560,14 @@ def embed3(terms: Terms, tri_codes: list, grid: Grid, ell, max_elements: int = 1
             continue
         for g, Zb in _embed_batches(sel, grid, ell, max_elements, split=True):
             out[:, :, si].index_add_(0, g, Zb)
-    return out.reshape(terms.n_rows, ntri, G, G, G)
+    return out.reshape(terms.n_rows, ntri, *grid.shape)
 
 
-def grid_cross3(SZ: torch.Tensor, tri_codes: list, terms: Terms, grid: Grid, ell,
+def grid_cross3(SZ: torch.Tensor, tri_codes: list, terms: Terms, grid: Grid3, ell,
                 max_elements: int = 1 << 23) -> torch.Tensor:
     """(SZ_flat) · embedding of every row of `terms`, without storing the embeddings:
-    SZ (n, n_tri, G³) (symmetrised, e.g. energies); returns (n, terms.n_rows)."""
-    G3 = grid.n ** 3
+    SZ (n, n_tri · grid.size) (symmetrised, e.g. energies); returns (n, terms.n_rows)."""
+    G3 = grid.size
     out = torch.zeros(SZ.shape[0], terms.n_groups, terms.c, dtype=torch.float64,
                       device=SZ.device) * ell
     SZ = SZ.reshape(SZ.shape[0], len(tri_codes), G3)
@@ -540,34 +583,38 @@ def grid_cross3(SZ: torch.Tensor, tri_codes: list, terms: Terms, grid: Grid, ell
 
 def symmetrize3(Z: torch.Tensor, tri_codes: list, n_species: int) -> torch.Tensor:
     """S Z = Σ_π π·Z: the species slot π s' receives Z[s'] with its grid axes permuted by σ_π
-    (`tri_codes` must be closed under S₃). Z: (n, n_tri, G, G, G)."""
+    (`tri_codes` must be closed under S₃), restricted to the box of :class:`Grid3`: a permuted
+    r_jk axis is cut to the n01 pair-axis nodes, a permuted pair axis is zero beyond them.
+    Z: (n, n_tri, n01, n01, n)."""
     pos = {c: k for k, c in enumerate(tri_codes)}
+    n01, n = Z.shape[2], Z.shape[4]
     out = torch.zeros_like(Z)
     for pi, sg in PERMS3:
-        src = list(range(len(tri_codes)))
         dst = [pos[int(permuted_triple_code(c, pi, n_species))] for c in tri_codes]
-        moved = Z[:, src].permute(0, 1, 2 + sg[0], 2 + sg[1], 2 + sg[2])
+        moved = Z.permute(0, 1, 2 + sg[0], 2 + sg[1], 2 + sg[2])[:, :, :n01, :n01]
+        if moved.shape[4] < n:
+            moved = torch.nn.functional.pad(moved, (0, n - moved.shape[4]))
         out.index_add_(1, torch.tensor(dst, device=Z.device), moved)
     return out
 
 
-def eval_grid3(theta: torch.Tensor, tri_codes: list, grid: Grid, ell, q, code, chunk: int = 2048):
+def eval_grid3(theta: torch.Tensor, tri_codes: list, grid: Grid3, ell, q, code, chunk: int = 2048):
     """Σ_u θ[s, u] φ_u(q) for triplet features q (T, 3) of species codes `code` (T,) (zero for
     codes not in `tri_codes`); differentiable with respect to q."""
-    G = grid.n
+    n01, G = grid.n01, grid.n
     out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
     for si, c in enumerate(tri_codes):
         idx = torch.nonzero(code == c).reshape(-1)
         if idx.numel() == 0:
             continue
-        th = theta[si].reshape(G, G * G)
+        th = theta[si].reshape(n01, n01 * G)
         for s in range(0, idx.numel(), chunk):
             ii = idx[s:s + chunk]
             qq = q[ii]
-            p0, _ = grid.basis(qq[:, 0], ell)
-            p1, _ = grid.basis(qq[:, 1], ell)
-            p2, _ = grid.basis(qq[:, 2], ell)
-            m = (p0 @ th).reshape(-1, G, G)
+            p0, _ = grid.basis(qq[:, 0], ell, axis=0)
+            p1, _ = grid.basis(qq[:, 1], ell, axis=1)
+            p2, _ = grid.basis(qq[:, 2], ell, axis=2)
+            m = (p0 @ th).reshape(-1, n01, G)
             m = (m * p1[:, :, None]).sum(1)
             out = out.index_add(0, ii, (m * p2).sum(1))
     return out
