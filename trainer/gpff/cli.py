@@ -102,7 +102,10 @@ def cmd_train_nbody(args) -> dict:
                     progress=not args.quiet, **options)
     start = time.perf_counter()
     if not args.no_optimize:
-        model.optimize(train, n_envs=args.n_envs_optimize, seed=args.seed)
+        given = [k for k in ("length_scale_2", "length_scale_3", "sigma_2", "sigma_3")
+                 if getattr(args, k) is not None]
+        model.optimize(train, n_envs=args.n_envs_optimize, n_frames=args.n_frames_optimize,
+                       seed=args.seed, fix_noise=not args.optimize_noise, fix=given)
     model.fit(train, n_envs=args.n_envs, seed=args.seed)
     fit_seconds = time.perf_counter() - start
     check = [train.frames[k] for k in split_indices(n_train, [min(5, n_train)], args.seed + 1)[0]]
@@ -242,16 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--cutoff-width", type=float, default=1.0,
                     help="width d of the smooth cutoff function, Å (default 1)")
     nb.add_argument("--n-train", type=int, help="training configurations (default all)")
-    nb.add_argument("--n-envs", type=int, default=1000,
-                    help="force environments (atoms, drawn at random) used in training (default 1000)")
+    nb.add_argument("--n-envs", type=int, default=2000,
+                    help="force environments (atoms, drawn at random) used in training (default 2000)")
     nb.add_argument("--n-envs-optimize", type=int, default=200,
                     help="force environments used by the marginal-likelihood optimisation (default 200)")
+    nb.add_argument("--n-frames-optimize", type=int, default=50,
+                    help="configurations (random) whose energies and force environments the "
+                    "marginal-likelihood optimisation uses (default 50)")
     nb.add_argument("--length-scale-2", type=float, help="ℓ₂, Å (default: optimised)")
     nb.add_argument("--length-scale-3", type=float, help="ℓ₃, Å (default: optimised)")
     nb.add_argument("--sigma-2", type=float, help="2-body signal σ₂ (default: optimised)")
     nb.add_argument("--sigma-3", type=float, help="3-body signal σ₃ (default: optimised)")
-    nb.add_argument("--sigma-energy", type=float, help="energy noise per atom (default: optimised)")
-    nb.add_argument("--sigma-force", type=float, help="force noise (default: optimised)")
+    nb.add_argument("--sigma-energy", type=float, default=0.005,
+                    help="energy noise per atom, energy unit (default 0.005; the regularisation of "
+                    "the energies, as GAP's default_sigma)")
+    nb.add_argument("--sigma-force", type=float, default=0.1,
+                    help="force noise per component, energy unit/Å (default 0.1)")
+    nb.add_argument("--optimize-noise", action="store_true",
+                    help="also optimise --sigma-energy/--sigma-force by marginal likelihood "
+                    "(often trades the energies away: σ_E grows to tens of meV/atom)")
     nb.add_argument("--no-optimize", action="store_true",
                     help="keep the given/default hyperparameters (no marginal-likelihood optimisation)")
     nb.add_argument("--map-error", type=float, default=1e-4,

@@ -330,106 +330,114 @@ class NBodyGP:
         PY = PX if Y is None else self._pair_design(Y, grid, ell)
         return grid.weight(ell) * (PX @ PY.T)
 
-    def _energy_chunk(self, size: int) -> int:
-        """Energy rows per chunk of 3-body embeddings Z, S Z (two chunks of both are kept at
-        once, together at most GRID3_MAX_ELEMENTS)."""
-        return max(1, int(GRID3_MAX_ELEMENTS // (4.0 * size * max(1, len(self._tri_codes)))))
+    def _chunk_rows(self, size: int) -> int:
+        """Rows per chunk of 3-body embeddings Z, S Z (two chunks of both are kept at once,
+        together at most GRID3_MAX_ELEMENTS)."""
+        return max(3, int(GRID3_MAX_ELEMENTS // (4.0 * size * max(1, len(self._tri_codes)))))
 
-    def _method3(self, X, Y, block: str, size: int) -> str:
-        """"grid" or "direct" for a 3-body energy block (cost model and exactness)."""
-        feats = [X.tripE, Y.tripE if block == "EE" else Y.tripF]
-        fmin = min([float(t.q.min()) for t in feats if t.n_terms] + [np.inf])
+    def _method3(self, TX, TY, size: int) -> str:
+        """"grid" or "direct" for the 3-body block between term sets TX and TY (cost model in
+        seconds on one CPU core, and exactness)."""
+        fmin = min([float(t.q.min()) for t in (TX, TY) if t.n_terms] + [np.inf])
         if fmin < self._fmin3 - GRID3_EXTENSION:      # outside the exact range of the grid
             return "direct"
         if self.kernel_method != "auto":
             return self.kernel_method
         G3 = float(size) * len(self._tri_codes)
-        nX, nY = X.n_E, (Y.n_E if block == "EE" else Y.n_F)
-        tX = X.tripE.n_terms
-        tY = Y.tripE.n_terms if block == "EE" else Y.tripF.n_terms
-        # the symmetrised embeddings of one side are kept chunk by chunk; the other side is
-        # embedded again for every chunk
-        chunks = math.ceil((nY if block == "EE" else nX) / self._energy_chunk(size))
-        direct = 6 * tX * tY * (1e-8 if block == "EE" else 1.2e-8)
-        if block == "EE":       # S Z of Y once, Z of X per chunk, one GEMM
-            grid = (tY + chunks * tX) * G3 * 2 / 2e10 + nX * nY * G3 * 2 / 5e10
-        else:                   # S Z of X once, the force embeddings of Y per chunk, one GEMM
-            grid = tX * G3 * 2 / 2e10 + chunks * tY * G3 * 18 / 2e10 + nX * G3 * 3 * nY * 2 / 5e10
+        forces = int(TX.B is not None) + int(TY.B is not None)
+        # direct sums: 6 permutations × (an exponential + (1, 4, 20) rank-one factors) per pair
+        # of terms; calibrated on mlearn Si and Ni19 (one core)
+        rank = (1, 4, 20)[forces] * TX.c * TY.c
+        direct = 6.0 * TX.n_terms * TY.n_terms * (3e-9 + rank * 2 / 3e10)
+        # grid: Z, S Z of TY chunk by chunk, Z of TX once per chunk (batched GEMMs, inefficient
+        # below ~128 terms per group), then one GEMM
+        chunks = math.ceil(TY.n_rows / self._chunk_rows(size))
+
+        def embed(T):
+            per_group = max(T.n_terms / max(T.n_groups, 1), 128.0)
+            return T.n_groups * per_group * G3 * (18 if T.B is not None else 2) / 1e10
+
+        grid = embed(TY) + chunks * embed(TX) + TX.n_rows * TY.n_rows * G3 * 2 / 3e10
         return "grid" if grid < direct else "direct"
 
-    def _embeddings(self, obs, grid, ell, g0: int = 0, g1: int | None = None):
-        """Z and S Z of the energy rows g0..g1 of `obs`: two (g1 - g0, n_tri · grid.size)."""
-        g1 = obs.n_E if g1 is None else g1
+    def _embeddings(self, terms, grid, ell, g0: int, g1: int):
+        """Z and S Z of the groups g0..g1 of 3-body `terms`: two ((g1 - g0) c, n_tri · size)."""
         G3 = grid.size * len(self._tri_codes)
-        step = max(1, int(GRID3_CHUNK_ELEMENTS // G3))
-        Z = torch.zeros(g1 - g0, G3, dtype=torch.float64, device=self.device) * ell
+        c = terms.c
+        step = max(1, int(GRID3_CHUNK_ELEMENTS // (G3 * c)))
+        Z = torch.zeros((g1 - g0) * c, G3, dtype=torch.float64, device=self.device) * ell
         SZ = torch.zeros_like(Z)
         for a in range(g0, g1, step):
             b = min(g1, a + step)
-            z = nk.embed3(obs.tripE.groups_slice(a, b), self._tri_codes, grid, ell)
-            Z[a - g0:b - g0] = z.reshape(b - a, -1)
-            SZ[a - g0:b - g0] = nk.symmetrize3(z, self._tri_codes, self.n_species).reshape(b - a, -1)
+            z = nk.embed3(terms.groups_slice(a, b), self._tri_codes, grid, ell)
+            Z[(a - g0) * c:(b - g0) * c] = z.reshape((b - a) * c, -1)
+            SZ[(a - g0) * c:(b - g0) * c] = nk.symmetrize3(
+                z, self._tri_codes, self.n_species).reshape((b - a) * c, -1)
         return Z, SZ
+
+    def _grid_block(self, TX, TY, grid, ell, emb):
+        """Z_X S Z_Yᵀ (TX.n_rows, TY.n_rows) for 3-body term sets (TY None: TX with itself),
+        chunk by chunk of groups; emb(terms, g0, g1) → (Z, S Z) (cached)."""
+        sym = TY is None
+        TY = TX if sym else TY
+        gx = max(1, self._chunk_rows(grid.size) // TX.c)
+        gy = max(1, self._chunk_rows(grid.size) // TY.c)
+        cols = []
+        for c0 in range(0, TY.n_groups, gy):
+            ZY, SZY = emb(TY, c0, min(TY.n_groups, c0 + gy))
+            if sym and gx >= TX.n_groups:
+                cols.append(ZY @ SZY.T)
+                continue
+            cols.append(torch.cat([emb(TX, g0, min(TX.n_groups, g0 + gx))[0] @ SZY.T
+                                   for g0 in range(0, TX.n_groups, gx)], 0))
+        return torch.cat(cols, 1)
 
     def _kernel3(self, X: _Observations, Y: _Observations | None, ell, ell_value):
         """Unit 3-body kernel between the observations of X and Y (Y None: X with itself).
 
-        Energy-energy and energy-force blocks by exact quadrature (symmetrised energy embeddings
-        kept for at most GRID3_MAX_ELEMENTS at a time, the other side streamed) or by direct sums,
-        whichever is cheaper; force-force blocks by direct sums."""
+        Each block (energy-energy, energy-force, force-force) by exact quadrature on the box grid
+        (embeddings kept for at most GRID3_MAX_ELEMENTS at a time) or by direct sums, whichever
+        the cost model of :meth:`_method3` finds cheaper."""
         sym = Y is None
         Y = X if sym else Y
         n = self.n_species
         grid = self._grid3(ell_value)
         w3 = grid.weight(ell) ** 3
         pbar = (lambda it: tqdm(it, desc="3-body force-force", leave=False)) if self.progress else None
-        chunk = self._energy_chunk(grid.size)
         cache = {}
 
-        def emb(obs, g0, g1):
-            """(Z, S Z) of energy rows g0..g1 of obs (the last chunk is kept: EE then EF reuse it)."""
-            key = (id(obs), g0, g1)
+        def emb(terms, g0, g1):
+            """(Z, S Z) of groups g0..g1 of terms (the last chunk is kept: EE then EF reuse it)."""
+            key = (id(terms), g0, g1)
             if key not in cache:
                 cache.clear()
-                cache[key] = self._embeddings(obs, grid, ell, g0, g1)
+                cache[key] = self._embeddings(terms, grid, ell, g0, g1)
             return cache[key]
+
+        def block(TX, TY, symmetric, progress=None):
+            if self._method3(TX, TY, grid.size) == "grid":
+                return w3 * self._grid_block(TX, None if symmetric else TY, grid, ell, emb)
+            return nk.direct3(TX, None if symmetric else TY, ell, n, symmetric=symmetric,
+                              progress=progress)
 
         top, bottom = [], []
         if X.n_E and Y.n_E:
-            if self._method3(X, Y, "EE", grid.size) == "grid":
-                cols = []
-                for c0 in range(0, Y.n_E, chunk):
-                    ZY, SZY = emb(Y, c0, min(Y.n_E, c0 + chunk))
-                    if sym and chunk >= X.n_E:
-                        cols.append(ZY @ SZY.T)
-                        continue
-                    cols.append(torch.cat([emb(X, g0, min(X.n_E, g0 + chunk))[0] @ SZY.T
-                                           for g0 in range(0, X.n_E, chunk)], 0))
-                top.append(w3 * torch.cat(cols, 1))
-            else:
-                top.append(nk.direct3(X.tripE, None if sym else Y.tripE, ell, n, symmetric=sym))
+            top.append(block(X.tripE, Y.tripE, sym))
         EF = None
         if X.n_E and Y.n_F:
-            if self._method3(X, Y, "EF", grid.size) == "grid":
+            if self._method3(X.tripE, Y.tripF, grid.size) == "grid":
+                # S Z of the energies kept, the force embeddings streamed (not stored)
+                step = max(1, self._chunk_rows(grid.size))
                 EF = w3 * torch.cat([
-                    nk.grid_cross3(emb(X, g0, min(X.n_E, g0 + chunk))[1], self._tri_codes, Y.tripF,
-                                   grid, ell) for g0 in range(0, X.n_E, chunk)], 0)
+                    nk.grid_cross3(emb(X.tripE, g0, min(X.n_E, g0 + step))[1], self._tri_codes,
+                                   Y.tripF, grid, ell) for g0 in range(0, X.n_E, step)], 0)
             else:
                 EF = nk.direct3(X.tripE, Y.tripF, ell, n)
             top.append(EF)
         if X.n_F and Y.n_E:
-            if sym:
-                FE = EF.T
-            elif self._method3(Y, X, "EF", grid.size) == "grid":
-                FE = w3 * torch.cat([
-                    nk.grid_cross3(emb(Y, g0, min(Y.n_E, g0 + chunk))[1], self._tri_codes, X.tripF,
-                                   grid, ell) for g0 in range(0, Y.n_E, chunk)], 0).T
-            else:
-                FE = nk.direct3(Y.tripE, X.tripF, ell, n).T
-            bottom.append(FE)
+            bottom.append(EF.T if sym else block(Y.tripE, X.tripF, False).T)
         if X.n_F and Y.n_F:
-            bottom.append(nk.direct3(X.tripF, None if sym else Y.tripF, ell, n, symmetric=sym,
-                                     progress=pbar))
+            bottom.append(block(X.tripF, Y.tripF, sym, pbar))
         rows = [torch.cat(r, 1) for r in (top, bottom) if r]
         if not rows:
             return torch.zeros(X.n_rows, Y.n_rows, dtype=torch.float64, device=self.device) * ell
