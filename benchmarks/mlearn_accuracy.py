@@ -330,9 +330,16 @@ def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> d
     if args.n_train:
         cmd += ["--n-train", str(args.n_train)]
     cmd += args.train_args.split()
-    print(f"   $ {' '.join(cmd[len(gpff_cmd()):])}", flush=True)
-    out, train_wall = run(cmd)
-    summary = last_json(out)
+    if args.reuse_models and os.path.isfile(model):
+        print(f"   reusing {model} (--reuse-models; it must come from the command below)\n"
+              f"   $ {' '.join(cmd[len(gpff_cmd()):])}", flush=True)
+        out, _ = run(gpff_cmd() + ["info", model, "--json"])
+        summary = last_json(out)
+        train_wall = (summary.get("provenance") or {}).get("total_seconds")
+    else:
+        print(f"   $ {' '.join(cmd[len(gpff_cmd()):])}", flush=True)
+        out, train_wall = run(cmd)
+        summary = last_json(out)
     out, test_wall = run(gpff_cmd() + ["test", model, test_path, "--json"])
     mapped = last_json(out)
     entry = {"method": f"gpff-{order}body", "order": order, "cutoff": rc, "cutoff_3body": rc3,
@@ -484,6 +491,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "out" / "mlearn_accuracy.json"),
                     help="results file (default out/mlearn_accuracy.json)")
     ap.add_argument("--force", action="store_true", help="rerun entries already in --json")
+    ap.add_argument("--reuse-models", action="store_true",
+                    help="use model files already in --model-dir instead of training them again")
     ap.add_argument("--report", metavar="JSON", help="only print the table of a results file")
     args = ap.parse_args(argv)
 

@@ -13,7 +13,8 @@ cluster: r_c = 8 Å exceeds the largest interatomic distance (7.04 Å), so f_c =
 
 For each order and training size N (force environments = atoms with all 3 components), the
 hyperparameters (ℓ, signal σ, force noise σ_F) maximise the log marginal likelihood (eq. 5.33,
-L-BFGS), the GP is fitted on the same N environments, and the test error is the mean force-error
+L-BFGS) on min(N, ``--n-optimize``) environments, the GP is fitted on N environments (drawn
+with the same seed), and the test error is the mean force-error
 norm ⟨|F_pred − F_DFT|⟩ over all atoms of the test frames (the chapter's metric). The maximised
 log marginal likelihood per environment is reported for the order selection of eq. 5.33.
 Target of the issue: the 3-body model reaches ≤ 0.15 eV/Å.
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="10,25,50,100,200")
     p.add_argument("--orders", default="2,3,many")
     p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--n-optimize", type=int, default=50,
+                   help="force environments of the marginal-likelihood optimisation: min(N, this); "
+                   "the GP is then fitted on all N (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(ROOT / "out/ni19_learning_curves.json"))
     args = p.parse_args(argv)
@@ -56,13 +60,18 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             gp = NBodyGP(order=order, cutoff=8.0, cutoff_3body=8.0, cutoff_width=1.0,
                          length_scale_2=0.5, length_scale_3=0.8, sigma_force=0.05, progress=False)
-            gp.optimize(train, n_envs=n, seed=args.seed, max_iter=40)
+            gp.optimize(train, n_envs=min(n, args.n_optimize), seed=args.seed, max_iter=40)
+            lml_opt = gp.hyperparameters["log_marginal_likelihood"]
+            if n > args.n_optimize:
+                gp.fit(train, n_envs=n, seed=args.seed)
             pred = gp.predict(test.frames)
             F = np.concatenate(pred["forces"])
             err = float(np.mean(np.linalg.norm(F - F_ref, axis=1)))
             row = {"order": str(order), "n_envs": n, "force_error_norm": err,
                    "force_mae": float(np.mean(np.abs(F - F_ref))),
                    "log_marginal_likelihood": gp.hyperparameters["log_marginal_likelihood"],
+                   "n_envs_optimize": min(n, args.n_optimize),
+                   "log_marginal_likelihood_optimized": lml_opt,
                    "lml_per_env": gp.hyperparameters["log_marginal_likelihood"] / n,
                    "hyperparameters": gp.hyperparameters,
                    "seconds": round(time.perf_counter() - t0, 1)}

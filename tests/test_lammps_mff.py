@@ -18,7 +18,7 @@ from ase import Atoms
 from ase.build import bulk
 
 import gpff.lammps as glmp
-from gpff.drift import energy_drift
+from gpff.drift import energy_drift, log_drift
 
 from conftest import (MFF_CONFIGS, lammps_results, make_mff, mff_core_compute, rewrite_model_file,
                       run_lmp_launcher, run_nve, si_cell)
@@ -249,6 +249,26 @@ def test_nve_energy_conservation(mff3_path, tmp_path):
     assert abs(slope) / len(atoms) <= 1e-5, f"drift {slope:.4g} eV/ps"
     # the fluctuation is the Verlet integrator's (it scales as dt^2: ~1.1e-4 eV/atom at 1 fs)
     assert np.ptp(etot) / len(atoms) < 3e-4, f"fluctuation {np.ptp(etot):.3g} eV"
+
+
+def test_example_si_nve_with_shipped_potential(tmp_path):
+    """examples/si_mff/in.si with potentials/Si_mlearn_3body.gpff (the trained mlearn Si model):
+    512 atoms, 1 fs, 5 ps NVE from 300 K through the `lmp` launcher; total-energy drift
+    <= 1e-5 eV/ps per atom (measured 1.3e-7), temperature near 300 K, stable crystal."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    model = os.path.join(root, "potentials", "Si_mlearn_3body.gpff")
+    log = tmp_path / "log.lammps"
+    out = run_lmp_launcher(os.path.join(root, "examples", "si_mff", "in.si"), log,
+                           os.path.join(root, "examples", "si_mff"), 1, timeout=300)
+    assert "512 atoms" in out and "Loop time of" in out
+    drift = log_drift(log)
+    assert drift["duration_ps"] == pytest.approx(5.0) and drift["energy_unit"] == "eV"
+    assert abs(drift["drift"]) / 512 <= 1e-5, drift
+    assert drift["fluctuation"] / 512 < 1e-4, drift
+    from lammps.formats import LogFile
+    temp = np.asarray(LogFile(str(log)).runs[-1]["Temp"], dtype=float)
+    assert 200.0 < temp[len(temp) // 2:].mean() < 400.0
+    assert os.path.getsize(model) > 0
 
 
 # --------------------------------------------------------------------------- errors

@@ -887,10 +887,11 @@ class NBodyGP:
             loss = -lml / nobs
             loss.backward()
             hp = dict(zip(names, np.exp(theta.detach().cpu().numpy()).round(6).tolist()))
-            history.append({"log_marginal_likelihood": float(lml), **hp,
+            value = float(lml.detach())
+            history.append({"log_marginal_likelihood": value, **hp,
                             "seconds": round(time.perf_counter() - t1, 2)})
             bar.update(1)
-            bar.set_postfix_str(f"lml {float(lml):.1f} " + " ".join(f"{k}={v:.4g}" for k, v in hp.items()))
+            bar.set_postfix_str(f"lml {value:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in hp.items()))
             return loss
 
         t0 = time.perf_counter()
