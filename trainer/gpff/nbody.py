@@ -52,6 +52,8 @@ HYPERPARAMETER_BOUNDS = {"length_scale_2": (0.05, 20.0), "length_scale_3": (0.05
 GRID3_MEAN_MAX_ELEMENTS = 6e7
 #: largest symmetrised 3-body grid embeddings (elements, float64) the energy blocks keep at once
 GRID3_MAX_ELEMENTS = 4e8
+#: triplet-pair elements the many-body Hessian rows may hold at once (rows batched by vmap)
+MANY_BODY_BATCH_ELEMENTS = 2e8
 #: elements of one streamed chunk of 3-body grid embeddings
 GRID3_CHUNK_ELEMENTS = 4e7
 
@@ -532,8 +534,14 @@ class NBodyGP:
                 atomsA = [atom for atom, _ in fa]
                 sel = gA[atomsA].reshape(-1)
                 eye = torch.eye(sel.numel(), dtype=torch.float64, device=dev)
-                H = torch.autograd.grad(sel, RB, grad_outputs=eye, is_grads_batched=True,
-                                        create_graph=create_graph, retain_graph=True)[0]
+                # rows batched by vmap, a few at a time: each batched row holds its own copy of
+                # the triplet-pair graph (envA.n_triplets × envB.n_triplets × 6 numbers)
+                step = max(1, int(MANY_BODY_BATCH_ELEMENTS
+                                  // max(1, 6 * envA.n_triplets * envB.n_triplets)))
+                H = torch.cat([torch.autograd.grad(sel, RB, grad_outputs=eye[r:r + step],
+                                                   is_grads_batched=True,
+                                                   create_graph=create_graph, retain_graph=True)[0]
+                               for r in range(0, sel.numel(), step)])
             blocks[(a, b)] = (S, gA, gB, H)
         # assemble
         dt = torch.float64
