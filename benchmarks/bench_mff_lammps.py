@@ -536,7 +536,7 @@ def part_exact(args, doc) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = {"model": model, "train": train_file,
                    "n_train": prov.get("n_configurations"), "seed": prov.get("seed", args.seed),
-                   "n_envs": args.n_envs,
+                   "n_envs": prov.get("n_envs", args.n_envs),
                    "n_envs_optimize": 200, "frame": frame_path, "index": int(index),
                    "repeats": args.exact_repeats, "threads": args.threads,
                    "out": os.path.join(tmp, "F.npy")}
