@@ -122,7 +122,8 @@ def _read_npz(path: str):
                        f"forces) nor sGDML keys (z, R, E, F); found {sorted(keys)}")
 
 
-def _read_ase(path: str):
+def _ase_frames(path: str) -> list:
+    """All frames of a file ASE reads; DatasetError naming the file if it cannot or finds none."""
     from ase.io import read
 
     try:
@@ -131,6 +132,11 @@ def _read_ase(path: str):
         raise DatasetError(f"{path}: ASE cannot read this file ({type(err).__name__}: {err})") from None
     if not frames:
         raise DatasetError(f"{path}: no frames")
+    return frames
+
+
+def _read_ase(path: str):
+    frames = _ase_frames(path)
     z = frames[0].numbers
     R, E, F = [], [], []
     for k, at in enumerate(frames):
@@ -339,17 +345,11 @@ def load_configurations(path: str | os.PathLike, energy_unit: str | None = None)
         forces, forces of the wrong shape, energies (or forces) on some frames only, unknown unit.
     """
     from ase import Atoms
-    from ase.io import read
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file")
-    try:
-        raw = read(path, index=":")
-    except Exception as err:  # ASE raises many types for malformed files
-        raise DatasetError(f"{path}: ASE cannot read this file ({type(err).__name__}: {err})") from None
-    if not raw:
-        raise DatasetError(f"{path}: no frames")
+    raw = _ase_frames(path)
     frames, energies, forces = [], [], []
     for at in raw:
         energies.append(_frame_energy(at))

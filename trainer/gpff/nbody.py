@@ -964,40 +964,43 @@ class NBodyGP:
             raise SpeciesError(f"element {symbol} not in the model's species {', '.join(self.species)}")
         return self.species.index(symbol)
 
+    def _mean_torch(self, part, x, code, inside, on_grid, direct):
+        """Posterior mean of part "2" or "3" at features x of species codes `code`: the rows
+        `inside` the exact range of the quadrature grid by on_grid(idx), the rest by the direct
+        sums direct(terms, idx) × σ² (differentiable in x)."""
+        m = self._means[part]
+        sigma = self.sigma_2 if part == "2" else self.sigma_3
+        out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        if bool(inside.any()):
+            idx = torch.nonzero(inside).reshape(-1)
+            out = out.index_add(0, idx, on_grid(idx))
+        if not bool(inside.all()):
+            idx = torch.nonzero(~inside).reshape(-1)
+            val = sum(direct(t, idx) for t in m["terms"])
+            out = out.index_add(0, idx, sigma ** 2 * (val + 0 * x.reshape(x.shape[0], -1)[idx, 0]))
+        return out
+
     def _g2_torch(self, r, code):
         """Posterior mean ḡ₂ at distances r (P,) of pair codes `code` (differentiable in r)."""
         m = self._means["2"]
         ell = torch.tensor(self.length_scale_2, dtype=torch.float64, device=self.device)
         lo, hi = m["range"]
-        ok = (r >= lo) & (r <= hi)
-        out = torch.zeros_like(r)
-        if bool(ok.any()):
-            idx = torch.nonzero(ok).reshape(-1)
-            out = out.index_add(0, idx, nk.eval_grid2(m["theta"], self._pair_codes, m["grid"], ell,
-                                                      r[idx], code[idx]))
-        if not bool(ok.all()):
-            idx = torch.nonzero(~ok).reshape(-1)
-            val = sum(nk.eval_direct2(t, ell, r[idx], code[idx]) for t in m["terms"])
-            out = out.index_add(0, idx, self.sigma_2 ** 2 * (val + 0 * r[idx]))
-        return out
+        return self._mean_torch(
+            "2", r, code, (r >= lo) & (r <= hi),
+            lambda idx: nk.eval_grid2(m["theta"], self._pair_codes, m["grid"], ell, r[idx], code[idx]),
+            lambda t, idx: nk.eval_direct2(t, ell, r[idx], code[idx]))
 
     def _g3_torch(self, q, code):
         """Posterior mean ḡ₃ at triplet features q (T, 3) of ordered species codes (differentiable)."""
         m = self._means["3"]
         ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
         lo, hi = (torch.as_tensor(v, device=q.device) for v in m["range"])
-        ok = (((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None
-              else torch.zeros_like(code, dtype=torch.bool))
-        out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
-        if bool(ok.any()):
-            idx = torch.nonzero(ok).reshape(-1)
-            out = out.index_add(0, idx, nk.eval_grid3(m["theta"], self._tri_codes, m["grid"], ell,
-                                                      q[idx], code[idx]))
-        if not bool(ok.all()):
-            idx = torch.nonzero(~ok).reshape(-1)
-            val = sum(nk.eval_direct3(t, ell, q[idx], code[idx], self.n_species) for t in m["terms"])
-            out = out.index_add(0, idx, self.sigma_3 ** 2 * (val + 0 * q[idx, 0]))
-        return out
+        inside = (((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None
+                  else torch.zeros_like(code, dtype=torch.bool))
+        return self._mean_torch(
+            "3", q, code, inside,
+            lambda idx: nk.eval_grid3(m["theta"], self._tri_codes, m["grid"], ell, q[idx], code[idx]),
+            lambda t, idx: nk.eval_direct3(t, ell, q[idx], code[idx], self.n_species))
 
     @_numerics
     def g2(self, a: str, b: str, r) -> np.ndarray:
