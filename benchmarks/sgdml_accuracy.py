@@ -24,8 +24,8 @@ Methods (``--methods``, default all three):
     (solver "auto" by default).
 ``gpff-best``
     requirement (b), gpff's defaults: ``gpff.sgdml.train_sgdml(train, sigmas=None,
-    solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (σ grid, then
-    gradient σ/p on hold-out *training* frames, gpff.hyperopt), energies on, then a refit on all
+    solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (kernel/σ/p grid,
+    then gradient σ/p on hold-out *training* frames, gpff.hyperopt), energies on, then a refit on all
     frames; what ``gpff train sgdml DATA -o M`` does. The chosen σ, p and the search are recorded.
 
 σ for ``sgdml`` and ``gpff-same``: ``--sigma`` (default 10) or ``--sigma-per-molecule

@@ -84,7 +84,7 @@ def test_validation_file(tmp_path, capsys):
 
 
 def test_default_search_and_energies(tmp_path, capsys):
-    """No σ given: σ and p are searched on hold-out training frames, energies are trained on."""
+    """No σ given: kernel, σ and p are searched on hold-out training frames, energies are trained on."""
     model = tmp_path / "d.gpff"
     assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "60", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -92,10 +92,15 @@ def test_default_search_and_energies(tmp_path, capsys):
     assert main(["info", str(model), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     search = info["provenance"]["hyperparameter_search"]
-    assert (search["n_sub"], search["n_valid"]) == (30, 30) and len(search["grid"]) == 6
+    assert (search["n_sub"], search["n_valid"]) == (30, 30)
+    assert {g["kernel"] for g in search["grid"]} == {"rbf", "matern52"} and len(search["grid"]) == 18
+    grid_best = min(search["grid"], key=lambda g: g["force_rmse"])
+    assert info["kernel"] == search["kernel"] == grid_best["kernel"]
+    assert (search["gradient"][0]["sigma"], search["gradient"][0]["p"]) == pytest.approx((grid_best["sigma"], grid_best["p"]))
     assert info["sigma"] == pytest.approx(search["sigma"]) and info["descriptor_exponent"] == pytest.approx(search["p"])
     best = min(search["gradient"], key=lambda g: g["force_rmse"])
-    assert best["sigma"] == pytest.approx(search["sigma"])
+    assert best["sigma"] == pytest.approx(search["sigma_validated"])
+    assert search["sigma"] == pytest.approx(best["sigma"] * (60 / search["n_grad"]) ** (-1 / 3))
     assert not (tmp_path / "d.gpff.ckpt").exists()
 
 

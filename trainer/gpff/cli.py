@@ -51,12 +51,13 @@ def cmd_train_sgdml(args) -> dict:
     if args.resume and not os.path.exists(checkpoint):
         raise TrainingError(f"{checkpoint}: no checkpoint to resume from")
     sigmas = args.sigma_grid or (None if args.sigma is None else [args.sigma])
-    options = dict(lam=args.lam, use_sym=not args.no_sym, kernel=args.kernel,
+    options = dict(lam=args.lam, use_sym=not args.no_sym,
                    use_energies=args.use_energies, solver=args.solver, max_memory=args.max_memory,
                    tol=args.tol, checkpoint=checkpoint, resume=args.resume, device=args.device,
                    progress=not args.quiet)
-    if args.p is not None:
-        options["p"] = args.p
+    for name in ("p", "kernel"):                # searched (with no σ given) unless set
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     try:
         model = train_sgdml(train, valid, sigmas=sigmas, **options)
     except KeyboardInterrupt:
@@ -195,8 +196,11 @@ def cmd_info(args) -> dict:
                 print(f"{key:16s} {info[key]}")
         for key, value in prov.items():
             if key == "hyperparameter_search":     # the full history is in --json
-                value = (f"σ {value['sigma']:.4g}, p {value['p']:.4g} from a {len(value['grid'])}-point "
-                         f"σ grid and {len(value['gradient'])} gradient steps on "
+                scaled = ("" if "sigma_validated" not in value else
+                          f" ({value['sigma_validated']:.4g} at {value['n_grad']} frames, scaled "
+                          f"to {value['n_target']})")
+                value = (f"{value.get('kernel', 'matern52')}, σ {value['sigma']:.4g}{scaled}, "
+                         f"p {value['p']:.4g} from a {len(value['grid'])}-point grid and {len(value['gradient'])} gradient steps on "
                          f"{value['n_sub']}/{value['n_valid']} hold-out frames")
             print(f"{'provenance.' + key:16s} {value}")
     return info
@@ -219,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "by hold-out validation on the training frames)")
     grp.add_argument("--sigma-grid", type=_floats, help="comma-separated σ values, chosen by validation force MAE")
     sg.add_argument("--p", type=float, help="descriptor exponent p of 1/r^p (default 1, or searched)")
-    sg.add_argument("--kernel", choices=["matern52", "rbf"], default="matern52", help="kernel (default matern52)")
+    sg.add_argument("--kernel", choices=["matern52", "rbf"],
+                    help="kernel (default: chosen by the search, with σ and p; matern52, sgdml's, "
+                    "when --sigma or --sigma-grid is given)")
     sg.add_argument("--no-energies", dest="use_energies", action="store_false", default=None,
                     help="train on forces only (default: energies too, when the data has them)")
     sg.add_argument("--lam", type=float, default=1e-10, help="regularisation λ (default 1e-10)")

@@ -980,22 +980,24 @@ class NBodyGP:
             out = out.index_add(0, idx, sigma ** 2 * (val + 0 * x.reshape(x.shape[0], -1)[idx, 0]))
         return out
 
-    def _g2_torch(self, r, code):
-        """Posterior mean ḡ₂ at distances r (P,) of pair codes `code` (differentiable in r)."""
+    def _g2_torch(self, r, code, direct=False):
+        """Posterior mean ḡ₂ at distances r (P,) of pair codes `code` (differentiable in r); by
+        the direct sums everywhere if `direct`."""
         m = self._means["2"]
         ell = torch.tensor(self.length_scale_2, dtype=torch.float64, device=self.device)
         lo, hi = m["range"]
         return self._mean_torch(
-            "2", r, code, (r >= lo) & (r <= hi),
+            "2", r, code, (r >= lo) & (r <= hi) & (not direct),
             lambda idx: nk.eval_grid2(m["theta"], self._pair_codes, m["grid"], ell, r[idx], code[idx]),
             lambda t, idx: nk.eval_direct2(t, ell, r[idx], code[idx]))
 
-    def _g3_torch(self, q, code):
-        """Posterior mean ḡ₃ at triplet features q (T, 3) of ordered species codes (differentiable)."""
+    def _g3_torch(self, q, code, direct=False):
+        """Posterior mean ḡ₃ at triplet features q (T, 3) of ordered species codes (differentiable);
+        by the direct sums everywhere if `direct`."""
         m = self._means["3"]
         ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
         lo, hi = (torch.as_tensor(v, device=q.device) for v in m["range"])
-        inside = (((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None
+        inside = (((q >= lo) & (q <= hi)).all(1) if m["theta"] is not None and not direct
                   else torch.zeros_like(code, dtype=torch.bool))
         return self._mean_torch(
             "3", q, code, inside,
@@ -1098,8 +1100,9 @@ class NBodyGP:
             return [frames]
         return list(frames)
 
-    def _energy_torch(self, env, R, strain):
-        """Model energy of one frame (orders 2, 3) as a differentiable function of R and strain."""
+    def _energy_torch(self, env, R, strain, direct=False):
+        """Model energy of one frame (orders 2, 3) as a differentiable function of R and strain;
+        ḡ₂, ḡ₃ by the direct sums if `direct`."""
         dev = self.device
         n = self.n_species
         sp = torch.as_tensor(env.species, device=dev)
@@ -1110,7 +1113,7 @@ class NBodyGP:
             f, _ = cutoff_function(r, self.cutoff, self.cutoff_width)
             code = nk.pair_code(sp[torch.as_tensor(env.pair_i, device=dev)],
                                 sp[torch.as_tensor(env.pair_j, device=dev)], n)
-            E = E + (f * self._g2_torch(r, code)).sum()
+            E = E + (f * self._g2_torch(r, code, direct)).sum()
         if self.order == 3 and env.n_triplets:
             q = torch.stack([torch.linalg.norm(g["d_ij"], dim=1), torch.linalg.norm(g["d_ik"], dim=1),
                              torch.linalg.norm(g["d_jk"], dim=1)], dim=1)
@@ -1119,7 +1122,7 @@ class NBodyGP:
             code = nk.triple_code(sp[torch.as_tensor(env.trip_i, device=dev)],
                                   sp[torch.as_tensor(env.trip_j, device=dev)],
                                   sp[torch.as_tensor(env.trip_k, device=dev)], n)
-            E = E + (f0 * f1 * self._g3_torch(q, code)).sum()
+            E = E + (f0 * f1 * self._g3_torch(q, code, direct)).sum()
         return E
 
     def _energy_many(self, env, R, strain):
@@ -1147,12 +1150,16 @@ class NBodyGP:
         return E + self.sigma_many ** 2 * acc
 
     @_numerics
-    def predict(self, frames, variance: bool = False) -> dict:
+    def predict(self, frames, variance: bool = False, direct: bool = False) -> dict:
         """Energies, forces, virials and stresses of the posterior-mean model.
 
         Args:
             frames: an ``ase.Atoms``, a list of them or Configurations (any size, periodic or not).
             variance: also return the predictive variance of the total energy (eq. 5.15).
+            direct: evaluate ḡ₂, ḡ₃ everywhere by the textbook sums over all training terms
+                (eq. 5.15 with the kernels 5.28/5.29), instead of the quadrature-grid expansion of
+                the same posterior mean inside its exact range (equal to ~1e-12 and much faster).
+                For reference and timing; orders 2 and 3.
         Returns:
             dict with ``energy`` (n,) (energy unit), ``forces`` list of (N_c, 3) (energy unit/Å,
             exactly -∂E/∂R), ``virial`` (n, 6) -∂E/∂ε in LAMMPS order xx yy zz xy xz yz (energy
@@ -1175,7 +1182,8 @@ class NBodyGP:
             R = torch.as_tensor(env.positions, dtype=torch.float64, device=dev).requires_grad_(True)
             eps = torch.zeros(3, 3, dtype=torch.float64, device=dev, requires_grad=True)
             strain = 0.5 * (eps + eps.T)
-            E = (self._energy_many if self.order == "many" else self._energy_torch)(env, R, strain)
+            E = (self._energy_many(env, R, strain) if self.order == "many"
+                 else self._energy_torch(env, R, strain, direct))
             if E.requires_grad:
                 gR, gE = torch.autograd.grad(E, (R, eps), allow_unused=True)
             else:                                    # no neighbours: a constant energy

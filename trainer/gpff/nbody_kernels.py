@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
 #: nodes per length scale of the quadrature grids (trapezoid error ~ exp(-π² n²/2))
@@ -632,19 +633,31 @@ def eval_grid2(theta: torch.Tensor, codes: list, grid: Grid, ell, r, code):
 
 
 # --------------------------------------------------------------------------- posterior means, direct
+def _sum_over_term_chunks(chunk_sum, q, n_terms: int, chunk: int):
+    """Σ over chunks of `chunk` / len(q) terms of chunk_sum(q, start, stop) (a (len(q),) tensor).
+    When q requires grad each chunk is checkpointed: the backward pass recomputes it instead of
+    keeping every chunk's (len(q), terms) intermediates, so memory stays at one chunk."""
+    out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+    step = max(1, chunk // max(1, q.shape[0]))
+    for s in range(0, n_terms, step):
+        stop = min(s + step, n_terms)
+        out = out + (torch.utils.checkpoint.checkpoint(chunk_sum, q, s, stop, use_reentrant=False)
+                     if q.requires_grad else chunk_sum(q, s, stop))
+    return out
+
+
 def eval_direct3(mean: Terms, ell, q, code, n_species: int, chunk: int = 1 << 22):
     """Σ_t Cov(g₃^s(q), L_t) for single-component terms `mean` (A (T,1), B (T,1,3) or None):
-    the unit-amplitude posterior-mean sum of eq. 5.15 by direct sums; differentiable wrt q."""
-    out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+    the unit-amplitude posterior-mean sum of eq. 5.15 by direct sums; differentiable wrt q,
+    in chunks of `chunk` (query, term) pairs."""
     if mean.n_terms == 0 or q.shape[0] == 0:
-        return out
+        return torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
     ell2 = ell * ell
-    step = max(1, chunk // max(1, q.shape[0]))
-    for s in range(0, mean.n_terms, step):
-        qt = mean.q[s:s + step]
-        at = mean.A[s:s + step, 0]
-        bt = None if mean.B is None else mean.B[s:s + step, 0]
-        ct = mean.code[s:s + step]
+
+    def chunk_sum(q, s, stop):
+        qt, at, ct = mean.q[s:stop], mean.A[s:stop, 0], mean.code[s:stop]
+        bt = None if mean.B is None else mean.B[s:stop, 0]
+        out = 0
         for pi, sg in PERMS3:
             qp = qt[:, list(sg)]
             d = q[:, None, :] - qp[None, :, :]
@@ -655,18 +668,23 @@ def eval_direct3(mean: Terms, ell, q, code, n_species: int, chunk: int = 1 << 22
             if bt is not None:
                 v = v + (d * bt[:, list(sg)][None, :, :]).sum(-1) / ell2
             out = out + (k * v).sum(1)
-    return out
+        return out
+    return _sum_over_term_chunks(chunk_sum, q, mean.n_terms, chunk)
 
 
-def eval_direct2(mean: Terms, ell, r, code):
-    """Σ_t Cov(g₂^code(r), L_t) for single-component pair terms (unit amplitude), direct sums."""
-    d = r[:, None] - mean.q[None, :, 0]
+def eval_direct2(mean: Terms, ell, r, code, chunk: int = 1 << 22):
+    """Σ_t Cov(g₂^code(r), L_t) for single-component pair terms (unit amplitude), direct sums,
+    in chunks of `chunk` (query, term) pairs; differentiable wrt r."""
     ell2 = ell * ell
-    k = torch.exp(-d * d / (2 * ell2)) * (code[:, None] == mean.code[None, :]).to(r.dtype)
-    v = mean.A[None, :, 0]
-    if mean.B is not None:
-        v = v + d * mean.B[None, :, 0, 0] / ell2
-    return (k * v).sum(1)
+
+    def chunk_sum(r, s, stop):
+        d = r[:, None] - mean.q[None, s:stop, 0]
+        k = torch.exp(-d * d / (2 * ell2)) * (code[:, None] == mean.code[None, s:stop]).to(r.dtype)
+        v = mean.A[None, s:stop, 0]
+        if mean.B is not None:
+            v = v + d * mean.B[None, s:stop, 0, 0] / ell2
+        return (k * v).sum(1)
+    return _sum_over_term_chunks(chunk_sum, r, mean.n_terms, chunk)
 
 
 def contract_components(terms: Terms, weights: torch.Tensor) -> Terms:

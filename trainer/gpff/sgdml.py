@@ -291,11 +291,13 @@ def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=None, **kwa
 
     Args:
         train: training frames; valid: validation frames (required for a σ grid).
-        sigmas: None (the default search: σ grid, then gradient-based σ and descriptor exponent
-            p by hold-out validation on training frames only, gpff.hyperopt, then a refit on all
-            of `train`), one σ, or several σ chosen by validation force MAE on `valid` (the σ grid
-            search of sgdml).
-        kwargs: further :class:`SGDML` arguments (with sigmas=None, `p` is searched too).
+        sigmas: None (the default search: a kernel, σ and p grid, then gradient-based σ and
+            descriptor exponent p, by hold-out validation on training frames only,
+            gpff.hyperopt.choose_hyperparameters, then a refit on all of `train`), one σ, or
+            several σ chosen by validation force MAE on `valid` (the σ grid search of sgdml).
+        kwargs: further :class:`SGDML` arguments. With sigmas=None, `p` and `kernel` are searched
+            unless given (the kernel between "rbf" and "matern52"); otherwise kernel defaults to
+            "matern52" (sgdml's) and p to 1.
     Returns:
         the chosen model; its ``provenance`` records the search (every point with its errors).
     Raises:
@@ -313,13 +315,13 @@ def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=None, **kwa
                  if kwargs.get("use_sym", True) else np.arange(train.n_atoms, dtype=np.int32)[None])
     search = None
     if sigmas is None:
+        kernel = kwargs.get("kernel")
         search = choose_hyperparameters(
-            train, perms, kernel=kwargs.get("kernel", "matern52"),
+            train, perms, kernels=("rbf", "matern52") if kernel is None else (kernel,),
             use_energies=(kwargs.get("use_energies") is not False and train.E is not None),
-            lam=kwargs.get("lam", 1e-10),
-            optimize_p="p" not in kwargs, p=kwargs.get("p", 1.0),
+            lam=kwargs.get("lam", 1e-10), p=kwargs.get("p"),
             device=kwargs.get("device", "cpu"), progress=kwargs.get("progress", True))
-        sigmas, kwargs["p"] = [search["sigma"]], search["p"]
+        sigmas, kwargs["p"], kwargs["kernel"] = [search["sigma"]], search["p"], search["kernel"]
     sigmas = [float(s) for s in np.atleast_1d(sigmas)]
     if len(sigmas) > 1 and (valid is None or valid.n_frames == 0):
         raise DatasetError("a σ grid needs validation frames (--n-valid or --valid)")

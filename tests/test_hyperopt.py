@@ -1,0 +1,55 @@
+"""The defaults' hyperparameter search (gpff.hyperopt): grid, gradients through the solve, choice."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gpff.hyperopt import (MATERN_SIGMAS, RBF_EXPONENTS, RBF_SIGMA_PER_P, SIGMA_SIZE_EXPONENT,
+                           choose_hyperparameters, search_grid, validation_loss)
+
+
+def test_search_grid():
+    grid = search_grid()
+    rbf = [(s, p) for k, s, p in grid if k == "rbf"]
+    assert sorted({p for _, p in rbf}) == sorted(RBF_EXPONENTS)
+    assert sorted({round(s / p, 12) for s, p in rbf}) == sorted(RBF_SIGMA_PER_P)
+    assert [(s, p) for k, s, p in grid if k == "matern52"] == [(s, 1.0) for s in MATERN_SIGMAS]
+    assert search_grid(("rbf",), p=0.5) == [("rbf", r * 0.5, 0.5) for r in RBF_SIGMA_PER_P]
+    assert search_grid(("matern52", "rbf"), p=2.0, sigmas=[3.0]) == [("matern52", 3.0, 2.0),
+                                                                   ("rbf", 3.0, 2.0)]
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern52"])
+def test_validation_loss_gradient_matches_finite_differences(ethanol_train, kernel):
+    """d loss / d(σ, p) by autograd through the Cholesky solve equals central differences."""
+    train, valid = ethanol_train.subset(np.arange(12)), ethanol_train.subset(np.arange(12, 20))
+    perms = torch.arange(train.n_atoms)[None]
+    s0, p0 = (1.2, 0.4) if kernel == "rbf" else (8.0, 1.0)
+    s = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
+    p = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+    loss = validation_loss(train, valid, perms, kernel, s, p, 1e-6, use_energies=True)
+    gs, gp = torch.autograd.grad(loss, (s, p))
+
+    def f(ds, dp):
+        with torch.no_grad():
+            return float(validation_loss(train, valid, perms, kernel, s0 + ds, p0 + dp, 1e-6, True))
+    h = 1e-4
+    assert float(gs) == pytest.approx((f(h, 0) - f(-h, 0)) / (2 * h), rel=1e-6)
+    assert float(gp) == pytest.approx((f(0, h) - f(0, -h)) / (2 * h), rel=1e-6)
+
+
+def test_choose_hyperparameters_picks_the_grid_best_then_descends(ethanol_train):
+    data = ethanol_train.subset(np.arange(40))
+    perms = np.arange(data.n_atoms)[None]
+    out = choose_hyperparameters(data, perms, kernels=("rbf",), use_energies=True, p=0.5,
+                                 n_sub=20, n_valid=20, n_grad=15, steps=4, progress=False)
+    assert [(g["kernel"], g["sigma"], g["p"]) for g in out["grid"]] == search_grid(("rbf",), p=0.5)
+    start = min(out["grid"], key=lambda g: g["force_rmse"])
+    assert out["kernel"] == "rbf" and out["gradient"][0]["sigma"] == pytest.approx(start["sigma"])
+    assert all(g["p"] == pytest.approx(0.5) for g in out["gradient"]) and out["p"] == pytest.approx(0.5)     # p was given
+    best = min(out["gradient"], key=lambda g: g["force_rmse"])
+    assert out["sigma_validated"] == best["sigma"] and math.isfinite(best["force_rmse"])
+    # σ validated with 15 training frames, scaled to the 40 of `data` the caller refits on
+    assert out["sigma"] == pytest.approx(best["sigma"] * (40 / 15) ** -SIGMA_SIZE_EXPONENT)
