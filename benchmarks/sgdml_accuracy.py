@@ -333,7 +333,7 @@ def print_table(doc: dict, kcal: bool = False) -> None:
           f"training process, load = 1-min load average at start")
     hdr = (f"{'molecule':<14}{'method':<11}{'n':>5}{'F MAE':>8}{'E MAE':>8}"
            + (f"{'F kcal':>9}{'E kcal':>9}" if kcal else "")
-           + f"{'FCHL19':>8}{'train s':>9}{'RSS GB':>8}{'load':>6}{'σ':>7}{'p':>6}{'E?':>4}"
+           + f"{'FCHL19':>8}{'train s':>9}{'RSS GB':>8}{'load':>6}{'σ':>8}{'p':>7}{'kernel':>9}{'E?':>4}"
            f"{'sym':>5}  solver")
     print(hdr)
     print("-" * len(hdr))
@@ -348,8 +348,9 @@ def print_table(doc: dict, kcal: bool = False) -> None:
                   + (f"{FCHL19[mol]:>8.1f}" if method == "gpff-best" and mol in FCHL19
                      else f"{'':>8}")
                   + f"{r['train_seconds']:>9.1f}{r['peak_rss_bytes'] / 1e9:>8.2f}"
-                  f"{(f'{load:.1f}' if load is not None else '?'):>6}{r['sigma']:>7.3g}"
-                  f"{r.get('p', 1.0):>6.3g}{('y' if r.get('use_energies') else 'n'):>4}"
+                  f"{(f'{load:.1f}' if load is not None else '?'):>6}{r['sigma']:>8.3g}"
+                  f"{r.get('p', 1.0):>7.3g}{r.get('kernel', 'matern52'):>9}"
+                  f"{('y' if r.get('use_energies') else 'n'):>4}"
                   f"{r.get('n_perms', 0):>5d}  {_solver_str(r.get('solver'))}")
     print()
     print(f"(a) gpff-same vs sgdml: F and E MAE ≤ {ERR_RATIO:g}×, train time ≤ {TIME_RATIO:g}×;"
