@@ -78,6 +78,24 @@ class _LengthScaleKernel(torch.autograd.Function):
         return (grad * dK).sum(), None
 
 
+class _ManyBodyKernel(torch.autograd.Function):
+    """Unit many-body kernel K(log ℓ₃, log ℓ) of a model's training observations as a
+    differentiable function whose backward pass rebuilds one frame pair at a time
+    (NBodyGP._many_kernel_vjp) instead of keeping the graphs of all pairs."""
+
+    @staticmethod
+    def forward(ctx, log_ell3, log_ellm, model, obs):
+        ell3, ellm = float(log_ell3.exp()), float(log_ellm.exp())
+        ctx.model, ctx.obs, ctx.ells = model, obs, (ell3, ellm)
+        return model._many_kernel(obs, None, ell3, ellm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        d3, dm = ctx.model._many_kernel_vjp(ctx.obs, grad, *ctx.ells)
+        ell3, ellm = ctx.ells
+        return d3 * ell3, dm * ellm, None, None            # d/dlog ℓ = ℓ d/dℓ
+
+
 class _Observations:
     """Terms of a set of observations: energy rows (frames) then force rows (3 per env atom)."""
 
@@ -508,94 +526,103 @@ class NBodyGP:
         k = self._k3_env(a, b, ell3)
         return torch.exp(-(na[:, None] + nb[None, :] - 2 * k) / (2 * ellm * ellm)).sum()
 
-    def _many_kernel(self, X: _Observations, Y: _Observations | None, ell3, ellm, create_graph):
-        """Unit many-body kernel between the observations of X and Y by automatic
-        differentiation of the frame-pair sums (energies: S; forces: -∂S/∂R; eqs. 5.9-5.13)."""
+    def _many_pairs(self, X: _Observations, Y: _Observations | None):
+        """Frame pairs (a, b, mirror) whose blocks make up the many-body kernel between X and Y
+        (Y None: X with itself, each unordered pair once, `mirror` adding the transposed block)."""
         sym = Y is None
         Y = X if sym else Y
-        dev = self.device
         frames_X = sorted(set(X.energy_frames.tolist()) | set(X.force_index[:, 0].tolist()))
         frames_Y = sorted(set(Y.energy_frames.tolist()) | set(Y.force_index[:, 0].tolist()))
-        rowsX = self._many_rows(X)
-        rowsY = self._many_rows(Y)
-        blocks = {}
-        pairs = [(a, b) for a in frames_X for b in frames_Y if not sym or b >= a]
-        for a, b in tqdm(pairs, desc="many-body kernel", leave=False, disable=not self.progress):
-            envA, envB = X.envs[a], Y.envs[b]
-            RA = torch.as_tensor(envA.positions, dtype=torch.float64, device=dev).requires_grad_(True)
-            RB = torch.as_tensor(envB.positions, dtype=torch.float64, device=dev).requires_grad_(True)
-            S = self._many_S(self._many_frame_data(envA, RA), self._many_frame_data(envB, RB),
-                             ell3, ellm)
-            gA, gB = torch.autograd.grad(S, (RA, RB), create_graph=True)
-            fa = rowsX["F"].get(a, [])
-            fb = rowsY["F"].get(b, [])
-            H = None
-            if fa and fb:
-                atomsA = [atom for atom, _ in fa]
-                sel = gA[atomsA].reshape(-1)
-                eye = torch.eye(sel.numel(), dtype=torch.float64, device=dev)
-                # rows batched by vmap, a few at a time: each batched row holds its own copy of
-                # the triplet-pair graph (envA.n_triplets × envB.n_triplets × 6 numbers)
-                step = max(1, int(MANY_BODY_BATCH_ELEMENTS
-                                  // max(1, 6 * envA.n_triplets * envB.n_triplets)))
-                H = torch.cat([torch.autograd.grad(sel, RB, grad_outputs=eye[r:r + step],
-                                                   is_grads_batched=True,
-                                                   create_graph=create_graph, retain_graph=True)[0]
-                               for r in range(0, sel.numel(), step)])
-            blocks[(a, b)] = (S, gA, gB, H)
-        # assemble
-        dt = torch.float64
-        out = [[None] * len(frames_Y) for _ in frames_X]
-        for ia, a in enumerate(frames_X):
-            for ib, b in enumerate(frames_Y):
-                key, tr = ((a, b), False) if (a, b) in blocks else ((b, a), True)
-                blocks_ab = blocks[key]
-                out[ia][ib] = (blocks_ab, tr)
-        M = torch.zeros(X.n_rows, Y.n_rows, dtype=dt, device=dev) * ell3
-        entries_r, entries_c, entries_v = [], [], []
-        for ia, a in enumerate(frames_X):
-            for ib, b in enumerate(frames_Y):
-                (S, gA, gB, H), tr = out[ia][ib]
-                if tr:   # block computed as (b, a)
-                    S, gA, gB = S, gB, gA
-                eA = rowsX["E"].get(a)
-                eB = rowsY["E"].get(b)
-                fa = rowsX["F"].get(a, [])
-                fb = rowsY["F"].get(b, [])
-                if eA is not None and eB is not None:
-                    entries_r.append(torch.tensor([eA], device=dev))
-                    entries_c.append(torch.tensor([eB], device=dev))
-                    entries_v.append(S.reshape(1))
-                if eA is not None and fb:
-                    for atom, row in fb:
-                        entries_r.append(torch.full((3,), eA, device=dev))
-                        entries_c.append(torch.arange(row, row + 3, device=dev))
-                        entries_v.append(-gB[atom])
-                if fa and eB is not None:
-                    for atom, row in fa:
-                        entries_r.append(torch.arange(row, row + 3, device=dev))
-                        entries_c.append(torch.full((3,), eB, device=dev))
-                        entries_v.append(-gA[atom])
-                if fa and fb:
-                    if not tr:
-                        Hab = H.reshape(len(fa), 3, -1, 3)           # (fa, α, N_B, β)
-                    else:                                            # computed with roles swapped
-                        Hab = H.reshape(len(fb), 3, -1, 3)           # (fb, β, N_A, α)
-                        Hab = Hab[:, :, [atom for atom, _ in fa]].permute(2, 3, 0, 1)
-                        Hab = Hab.reshape(len(fa), 3, len(fb), 3)
-                    if not tr:
-                        Hab = Hab[:, :, [atom for atom, _ in fb]]
-                    for ka, (_, ra) in enumerate(fa):
-                        for kb, (_, rb) in enumerate(fb):
-                            rr = torch.arange(ra, ra + 3, device=dev)[:, None].expand(3, 3)
-                            cc = torch.arange(rb, rb + 3, device=dev)[None, :].expand(3, 3)
-                            entries_r.append(rr.reshape(-1))
-                            entries_c.append(cc.reshape(-1))
-                            entries_v.append(Hab[ka, :, kb, :].reshape(-1))
-        if entries_v:
-            M = M.index_put((torch.cat(entries_r), torch.cat(entries_c)), torch.cat(entries_v),
-                            accumulate=True)
+        return Y, [(a, b, sym and b != a) for a in frames_X for b in frames_Y if not sym or b >= a]
+
+    def _many_block(self, X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, create_graph):
+        """Entries (rows, cols, values) of the unit many-body kernel between frame a of X and
+        frame b of Y by automatic differentiation of the frame-pair sum S (energies: S; forces:
+        -∂S/∂R; eqs. 5.9-5.13); `mirror` appends the transposed entries. The values carry a
+        graph to ℓ₃, ℓ if `create_graph`."""
+        with torch.enable_grad():                  # also inside autograd.Function.forward
+            return self._many_block_entries(X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm,
+                                            create_graph)
+
+    def _many_block_entries(self, X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, create_graph):
+        dev = self.device
+        envA, envB = X.envs[a], Y.envs[b]
+        RA = torch.as_tensor(envA.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+        RB = torch.as_tensor(envB.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+        S = self._many_S(self._many_frame_data(envA, RA), self._many_frame_data(envB, RB), ell3, ellm)
+        gA, gB = torch.autograd.grad(S, (RA, RB), create_graph=True)
+        eA, eB = rowsX["E"].get(a), rowsY["E"].get(b)
+        fa, fb = rowsX["F"].get(a, []), rowsY["F"].get(b, [])
+        rows, cols, vals = [], [], []
+        if eA is not None and eB is not None:
+            rows.append(torch.tensor([eA], device=dev))
+            cols.append(torch.tensor([eB], device=dev))
+            vals.append(S.reshape(1))
+        three = torch.arange(3, device=dev)
+        if eA is not None and fb:
+            rows.append(torch.full((3 * len(fb),), eA, device=dev))
+            cols.append((torch.tensor([r for _, r in fb], device=dev)[:, None] + three).reshape(-1))
+            vals.append(-gB[[atom for atom, _ in fb]].reshape(-1))
+        if fa and eB is not None:
+            rows.append((torch.tensor([r for _, r in fa], device=dev)[:, None] + three).reshape(-1))
+            cols.append(torch.full((3 * len(fa),), eB, device=dev))
+            vals.append(-gA[[atom for atom, _ in fa]].reshape(-1))
+        if fa and fb:
+            sel = gA[[atom for atom, _ in fa]].reshape(-1)
+            eye = torch.eye(sel.numel(), dtype=torch.float64, device=dev)
+            # rows batched by vmap, a few at a time: each batched row holds its own copy of
+            # the triplet-pair graph (envA.n_triplets × envB.n_triplets × 6 numbers)
+            step = max(1, int(MANY_BODY_BATCH_ELEMENTS
+                              // max(1, 6 * envA.n_triplets * envB.n_triplets)))
+            H = torch.cat([torch.autograd.grad(sel, RB, grad_outputs=eye[r:r + step],
+                                               is_grads_batched=True, create_graph=create_graph,
+                                               retain_graph=True)[0]
+                           for r in range(0, sel.numel(), step)])
+            H = H.reshape(len(fa), 3, -1, 3)[:, :, [atom for atom, _ in fb]]   # (fa, α, fb, β)
+            ra = torch.tensor([r for _, r in fa], device=dev)[:, None] + three   # (fa, α)
+            rb = torch.tensor([r for _, r in fb], device=dev)[:, None] + three   # (fb, β)
+            rows.append(ra[:, :, None, None].expand(H.shape).reshape(-1))
+            cols.append(rb[None, None].expand(H.shape).reshape(-1))
+            vals.append(H.reshape(-1))
+        if not vals:
+            return None
+        r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+        if not create_graph:
+            v = v.detach()
+        return (torch.cat([r, c]), torch.cat([c, r]), torch.cat([v, v])) if mirror else (r, c, v)
+
+    def _many_kernel(self, X: _Observations, Y: _Observations | None, ell3, ellm) -> torch.Tensor:
+        """Unit many-body kernel between the observations of X and Y (Y None: X with itself),
+        (X.n_rows, Y.n_rows), without a graph: assembled one frame pair at a time, so memory
+        holds one pair's triplet-pair graph. Differentiable in ℓ₃, ℓ through :class:`_ManyBodyKernel`."""
+        Y, pairs = self._many_pairs(X, Y)
+        rowsX, rowsY = self._many_rows(X), self._many_rows(Y)
+        M = torch.zeros(X.n_rows, Y.n_rows, dtype=torch.float64, device=self.device)
+        for a, b, mirror in tqdm(pairs, desc="many-body kernel", leave=False, disable=not self.progress):
+            block = self._many_block(X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, False)
+            if block is not None:
+                M.index_put_(block[:2], block[2], accumulate=True)
         return M
+
+    def _many_kernel_vjp(self, obs: _Observations, grad: torch.Tensor, ell3: float, ellm: float):
+        """(Σ grad ⊙ ∂K/∂ℓ₃, Σ grad ⊙ ∂K/∂ℓ) of the unit many-body kernel of obs with itself,
+        one frame pair at a time (each pair's graph is rebuilt and freed)."""
+        _, pairs = self._many_pairs(obs, None)
+        rows = self._many_rows(obs)
+        out = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for a, b, mirror in tqdm(pairs, desc="many-body kernel gradient", leave=False,
+                                 disable=not self.progress):
+            e3 = torch.tensor(ell3, dtype=torch.float64, device=self.device, requires_grad=True)
+            em = torch.tensor(ellm, dtype=torch.float64, device=self.device, requires_grad=True)
+            block = self._many_block(obs, obs, rows, rows, a, b, mirror, e3, em, True)
+            if block is None:
+                continue
+            r, c, v = block
+            with torch.enable_grad():              # backward passes run without grad mode
+                g = torch.autograd.grad((grad[r, c] * v).sum(), (e3, em), allow_unused=True)
+            out += torch.stack([torch.zeros((), dtype=torch.float64, device=self.device)
+                                if x is None else x.detach() for x in g])
+        return out
 
     @staticmethod
     def _many_rows(obs):
@@ -616,8 +643,10 @@ class NBodyGP:
         need = log_hp.requires_grad
         K = 0.0
         if self.order == "many":
-            K = v["sigma_many"] ** 2 * self._many_kernel(obs, None, v["length_scale_3"],
-                                                        v["length_scale_many"], create_graph=need)
+            i3, im = names.index("length_scale_3"), names.index("length_scale_many")
+            Kn = (_ManyBodyKernel.apply(log_hp[i3], log_hp[im], self, obs) if need else
+                  self._many_kernel(obs, None, float(v["length_scale_3"]), float(v["length_scale_many"])))
+            K = v["sigma_many"] ** 2 * Kn
         else:
             terms = [("k2", "length_scale_2", "sigma_2")]
             if self.order == 3:
@@ -1211,7 +1240,7 @@ class NBodyGP:
         if self.order == "many":
             ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
             ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=self.device)
-            return self.sigma_many ** 2 * self._many_kernel(T, self._train, ell3, ellm, False).detach()
+            return self.sigma_many ** 2 * self._many_kernel(T, self._train, ell3, ellm)
         u = self._unit_kernels(T, self._train)
         K = self.sigma_2 ** 2 * u["k2"]
         if self.order == 3:
@@ -1223,7 +1252,7 @@ class NBodyGP:
         if self.order == "many":
             ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
             ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=self.device)
-            return self.sigma_many ** 2 * self._many_kernel(T, None, ell3, ellm, False).detach()
+            return self.sigma_many ** 2 * self._many_kernel(T, None, ell3, ellm)
         u = self._unit_kernels(T, None)
         K = self.sigma_2 ** 2 * u["k2"]
         if self.order == 3:
