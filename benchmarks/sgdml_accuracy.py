@@ -33,7 +33,7 @@ mol=σ,...``; λ = ``--lam`` (default 1e-10). ``--gpff-max-memory`` (GB) is gpff
 "auto" picks Cholesky when the dense kernel fits it, else Nyström-preconditioned CG. Default: 11
 GB for naphthalene — CG, which is what keeps naphthalene × 1000 frames within 12 GB (the scale
 requirement) — and gpff's own default (80 % of RAM) for the other molecules (on 24 GB: Cholesky
-up to uracil/benzene, n = 37000 with energies, 11 GB for the kernel). With CG, α is checkpointed
+for all five, up to toluene, n = 46000 with energies, 16.9 GB for the kernel). With CG, α is checkpointed
 every few minutes to ``--checkpoint-dir`` and a rerun of the same entry resumes from it.
 
 Each training runs in its own child process, one after the other (never two at once). Per run:

@@ -52,7 +52,7 @@ def _summation_order_error(model, R):
 
 BUNDLED_SGDML = {"ethanol_rmd17.gpff": ("ethanol", 6), "ethanol_rmd17_best.gpff": ("ethanol", 6),
                  "malonaldehyde_rmd17_best.gpff": ("malonaldehyde", 4),
-                 "uracil_rmd17_best.gpff": ("uracil", 1)}
+                 "uracil_rmd17_best.gpff": ("uracil", 1), "toluene_rmd17_best.gpff": ("toluene", 12)}
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_SGDML))
