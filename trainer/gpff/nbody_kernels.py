@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 
 SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
 #: nodes per length scale of the quadrature grids (trapezoid error ~ exp(-π² n²/2))
@@ -633,58 +632,80 @@ def eval_grid2(theta: torch.Tensor, codes: list, grid: Grid, ell, r, code):
 
 
 # --------------------------------------------------------------------------- posterior means, direct
-def _sum_over_term_chunks(chunk_sum, q, n_terms: int, chunk: int):
-    """Σ over chunks of `chunk` / len(q) terms of chunk_sum(q, start, stop) (a (len(q),) tensor).
-    When q requires grad each chunk is checkpointed: the backward pass recomputes it instead of
-    keeping every chunk's (len(q), terms) intermediates, so memory stays at one chunk."""
-    out = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
-    step = max(1, chunk // max(1, q.shape[0]))
-    for s in range(0, n_terms, step):
-        stop = min(s + step, n_terms)
-        out = out + (torch.utils.checkpoint.checkpoint(chunk_sum, q, s, stop, use_reentrant=False)
-                     if q.requires_grad else chunk_sum(q, s, stop))
-    return out
+class _DirectSum(torch.autograd.Function):
+    """Σ_t of a chunked term sum and its analytic gradient wrt the query features, both
+    accumulated chunk by chunk in the forward pass: no graph over (query, term) pairs is kept,
+    memory is one chunk plus the (Q, D) gradient."""
+
+    @staticmethod
+    def forward(ctx, q, chunk_terms, n_terms, step):
+        val = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+        grad = torch.zeros_like(q)
+        for s in range(0, n_terms, step):
+            v, g = chunk_terms(q, s, min(s + step, n_terms))
+            val += v
+            grad += g
+        ctx.save_for_backward(grad)
+        return val
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        g = grad_out[:, None] * grad if grad.dim() == 2 else grad_out * grad
+        return g, None, None, None
 
 
 def eval_direct3(mean: Terms, ell, q, code, n_species: int, chunk: int = 1 << 22):
     """Σ_t Cov(g₃^s(q), L_t) for single-component terms `mean` (A (T,1), B (T,1,3) or None):
-    the unit-amplitude posterior-mean sum of eq. 5.15 by direct sums; differentiable wrt q,
-    in chunks of `chunk` (query, term) pairs."""
+    the unit-amplitude posterior-mean sum of eq. 5.15 by direct sums, in chunks of `chunk`
+    (query, term) pairs; differentiable wrt q (analytic gradient, no per-pair graph)."""
     if mean.n_terms == 0 or q.shape[0] == 0:
         return torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
-    ell2 = ell * ell
+    ell2 = float(ell) ** 2
 
-    def chunk_sum(q, s, stop):
+    def chunk_terms(q, s, stop):
+        # term t, ordering π: k = exp(−|d|²/2ℓ²), d = q − π q_t; value k (A + d·πB/ℓ²);
+        # ∂/∂q = k (πB − d (A + d·πB/ℓ²)) / ℓ²
         qt, at, ct = mean.q[s:stop], mean.A[s:stop, 0], mean.code[s:stop]
         bt = None if mean.B is None else mean.B[s:stop, 0]
-        out = 0
+        val = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
+        grad = torch.zeros_like(q)
         for pi, sg in PERMS3:
-            qp = qt[:, list(sg)]
-            d = q[:, None, :] - qp[None, :, :]
+            d = q[:, None, :] - qt[:, list(sg)][None, :, :]
             k = torch.exp(-(d * d).sum(-1) / (2 * ell2))
             if n_species > 1:
                 k = k * (code[:, None] == permuted_triple_code(ct, pi, n_species)[None, :]).to(k.dtype)
-            v = at[None, :]
+            v = at[None, :].expand_as(k)
             if bt is not None:
-                v = v + (d * bt[:, list(sg)][None, :, :]).sum(-1) / ell2
-            out = out + (k * v).sum(1)
-        return out
-    return _sum_over_term_chunks(chunk_sum, q, mean.n_terms, chunk)
+                b = bt[:, list(sg)][None, :, :]
+                v = v + (d * b).sum(-1) / ell2
+            val += (k * v).sum(1)
+            kd = (k * v)[:, :, None] * d
+            grad -= kd.sum(1) / ell2
+            if bt is not None:
+                grad += k @ bt[:, list(sg)] / ell2
+        return val, grad
+    return _DirectSum.apply(q, chunk_terms, mean.n_terms, max(1, chunk // max(1, q.shape[0])))
 
 
 def eval_direct2(mean: Terms, ell, r, code, chunk: int = 1 << 22):
-    """Σ_t Cov(g₂^code(r), L_t) for single-component pair terms (unit amplitude), direct sums,
-    in chunks of `chunk` (query, term) pairs; differentiable wrt r."""
-    ell2 = ell * ell
+    """Σ_t Cov(g₂^code(r), L_t) for single-component pair terms (unit amplitude), direct sums in
+    chunks of `chunk` (query, term) pairs; differentiable wrt r (analytic gradient)."""
+    if mean.n_terms == 0 or r.shape[0] == 0:
+        return torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
+    ell2 = float(ell) ** 2
 
-    def chunk_sum(r, s, stop):
+    def chunk_terms(r, s, stop):
         d = r[:, None] - mean.q[None, s:stop, 0]
         k = torch.exp(-d * d / (2 * ell2)) * (code[:, None] == mean.code[None, s:stop]).to(r.dtype)
-        v = mean.A[None, s:stop, 0]
+        v = mean.A[None, s:stop, 0].expand_as(k)
+        grad = -(k * v * d).sum(1) / ell2
         if mean.B is not None:
-            v = v + d * mean.B[None, s:stop, 0, 0] / ell2
-        return (k * v).sum(1)
-    return _sum_over_term_chunks(chunk_sum, r, mean.n_terms, chunk)
+            b = mean.B[None, s:stop, 0, 0]
+            v = v + d * b / ell2
+            grad = -(k * v * d).sum(1) / ell2 + (k * b).sum(1) / ell2
+        return (k * v).sum(1), grad
+    return _DirectSum.apply(r, chunk_terms, mean.n_terms, max(1, chunk // max(1, r.shape[0])))
 
 
 def contract_components(terms: Terms, weights: torch.Tensor) -> Terms:
