@@ -308,8 +308,8 @@ def test_quadrature_matches_direct_sums(model3_mix, lj_data):
 
 def test_direct_prediction_equals_grid_prediction(model3_mix, lj_data):
     """predict(direct=True), the textbook sums over all training terms, equals the quadrature-grid
-    prediction (energy, forces, virial); the chunked sums with their analytic gradient give the same values and
-    gradients whatever the chunk size."""
+    prediction (energy, forces, virial); the chunked sums with their analytic gradient give the
+    same values and gradients whatever the chunk size."""
     m = model3_mix
     frames = lj_data.frames[10:12]
     grid, direct = m.predict(frames), m.predict(frames, direct=True)
