@@ -289,6 +289,9 @@ def test_resume_after_max_iter_and_atomic_write(kernel, tmp_path, monkeypatch):
     assert float(torch.linalg.vector_norm(a - a_ref) / torch.linalg.vector_norm(a_ref)) < 1e-6
     with pytest.raises(TrainingError, match="different system"):
         solve(op, 2 * y, tol=1e-10, checkpoint=ck, resume=True, progress=False)
+    other = DenseOperator(2 * kernel, op.lam, 9)                  # same n, λ, y; another kernel
+    with pytest.raises(TrainingError, match="different system"):
+        solve(other, y, tol=1e-10, checkpoint=ck, resume=True, progress=False)
 
 
 # ------------------------------------------------------------------ (e) memory budget

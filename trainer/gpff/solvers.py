@@ -424,10 +424,13 @@ def pcg(op: KernelOperator, y: torch.Tensor, precond=None, x0: torch.Tensor | No
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _y_fingerprint(y: torch.Tensor) -> tuple[float, float]:
+def _fingerprint(op: KernelOperator, y: torch.Tensor) -> tuple[float, float, float]:
+    """(‖y‖, Σ w y, Σ w diag K) with fixed weights w: a checkpoint resumes only the system it was
+    written for (the diagonal changes with the kernel, σ, p and the symmetries)."""
     y = y.reshape(-1).to(torch.float64)
     w = torch.linspace(0.5, 1.5, len(y), dtype=torch.float64, device=y.device)
-    return float(torch.linalg.vector_norm(y)), float((w * y).sum())
+    diag = op.diagonal().reshape(-1).to(device=y.device, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(y)), float((w * y).sum()), float((w * diag).sum())
 
 
 def _save_checkpoint(path, state: dict) -> None:
@@ -577,17 +580,19 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
             f"the memory budget of {budget / 1e6:.1f} MB cannot hold a preconditioner of one "
             f"training frame ({preconditioner_bytes(op.n, per) / 1e6:.1f} MB for n = {op.n}); "
             f"raise the memory budget")
-    fprint = _y_fingerprint(y)
+    fprint = _fingerprint(op, y)
 
     state = None
     if resume and checkpoint is not None and os.path.exists(checkpoint):
         state = _load_checkpoint(checkpoint)
         if (int(state["n"]) != op.n or not math.isclose(float(state["lam"]), lam, rel_tol=1e-12)
-                or not all(math.isclose(float(state[k]), v, rel_tol=1e-10, abs_tol=1e-300)
-                           for k, v in zip(("y_norm", "y_check"), fprint))):
+                or not all(k in state and math.isclose(float(state[k]), v, rel_tol=1e-10,
+                                                       abs_tol=1e-300)
+                           for k, v in zip(("y_norm", "y_check", "k_check"), fprint))):
             raise TrainingError(
                 f"{checkpoint}: the checkpoint was written for a different system (n = "
-                f"{int(state['n'])}, λ = {float(state['lam'])}); delete it or run without resume")
+                f"{int(state['n'])}, λ = {float(state['lam'])}, or other labels, kernel, σ, p or "
+                f"symmetries); delete it or run without resume")
 
     if state is not None:
         x = state["alpha"].to(dtype=op.dtype, device=op.device).reshape(op.n, 1)
@@ -627,7 +632,7 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
                 "restarts": restarts, "residual": live["rel"], "tol": tol,
                 "inducing_frames": inducing_frames, "scores": scores,
                 "rng_state": gen.get_state(), "n": op.n, "lam": lam,
-                "y_norm": fprint[0], "y_check": fprint[1]}
+                "y_norm": fprint[0], "y_check": fprint[1], "k_check": fprint[2]}
 
     from tqdm.auto import tqdm
     bar = tqdm(total=max_iter, desc="CG", unit="it", disable=not progress, leave=False)
