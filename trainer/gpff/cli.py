@@ -200,7 +200,8 @@ def cmd_info(args) -> dict:
                           f" ({value['sigma_validated']:.4g} at {value['n_grad']} frames, scaled "
                           f"to {value['n_target']})")
                 value = (f"{value.get('kernel', 'matern52')}, σ {value['sigma']:.4g}{scaled}, "
-                         f"p {value['p']:.4g} from a {len(value['grid'])}-point grid and {len(value['gradient'])} gradient steps on "
+                         f"p {value['p']:.4g} from {len(value['grid'])} grid points and "
+                         f"{len(value['gradient'])} gradient steps on "
                          f"{value['n_sub']}/{value['n_valid']} hold-out frames")
             print(f"{'provenance.' + key:16s} {value}")
     return info
