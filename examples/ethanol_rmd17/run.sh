@@ -10,7 +10,7 @@ STEPS=${GPFF_STEPS:-20000}
 BIN=$ROOT/.venv/bin
 mkdir -p "$OUT"
 
-echo "== train sGDML on rMD17 ethanol split 01 (1000 frames; default σ/p search, energies + forces)"
+echo "== train sGDML on rMD17 ethanol split 01 (1000 frames; default kernel/σ/p search, energies + forces)"
 "$BIN/gpff" train sgdml "$ROOT/data/rmd17/rmd17_ethanol_train_01.npz" -o "$OUT/ethanol.gpff"
 
 echo "== test on the 1000 frames of split 01 test (C++ core)"
