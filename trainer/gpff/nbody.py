@@ -535,16 +535,12 @@ class NBodyGP:
         frames_Y = sorted(set(Y.energy_frames.tolist()) | set(Y.force_index[:, 0].tolist()))
         return Y, [(a, b, sym and b != a) for a in frames_X for b in frames_Y if not sym or b >= a]
 
+    @torch.enable_grad()                           # also inside autograd.Function.forward
     def _many_block(self, X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, create_graph):
         """Entries (rows, cols, values) of the unit many-body kernel between frame a of X and
         frame b of Y by automatic differentiation of the frame-pair sum S (energies: S; forces:
         -∂S/∂R; eqs. 5.9-5.13); `mirror` appends the transposed entries. The values carry a
         graph to ℓ₃, ℓ if `create_graph`."""
-        with torch.enable_grad():                  # also inside autograd.Function.forward
-            return self._many_block_entries(X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm,
-                                            create_graph)
-
-    def _many_block_entries(self, X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, create_graph):
         dev = self.device
         envA, envB = X.envs[a], Y.envs[b]
         RA = torch.as_tensor(envA.positions, dtype=torch.float64, device=dev).requires_grad_(True)
@@ -604,6 +600,7 @@ class NBodyGP:
                 M.index_put_(block[:2], block[2], accumulate=True)
         return M
 
+    @torch.enable_grad()                           # backward passes run without grad mode
     def _many_kernel_vjp(self, obs: _Observations, grad: torch.Tensor, ell3: float, ellm: float):
         """(Σ grad ⊙ ∂K/∂ℓ₃, Σ grad ⊙ ∂K/∂ℓ) of the unit many-body kernel of obs with itself,
         one frame pair at a time (each pair's graph is rebuilt and freed)."""
@@ -617,11 +614,8 @@ class NBodyGP:
             block = self._many_block(obs, obs, rows, rows, a, b, mirror, e3, em, True)
             if block is None:
                 continue
-            r, c, v = block
-            with torch.enable_grad():              # backward passes run without grad mode
-                g = torch.autograd.grad((grad[r, c] * v).sum(), (e3, em), allow_unused=True)
-            out += torch.stack([torch.zeros((), dtype=torch.float64, device=self.device)
-                                if x is None else x.detach() for x in g])
+            r, c, v = block                        # S depends on both ℓ₃ and ℓ
+            out += torch.stack(torch.autograd.grad((grad[r, c] * v).sum(), (e3, em)))
         return out
 
     @staticmethod

@@ -675,15 +675,14 @@ def eval_direct3(mean: Terms, ell, q, code, n_species: int, chunk: int = 1 << 22
             k = torch.exp(-(d * d).sum(-1) / (2 * ell2))
             if n_species > 1:
                 k = k * (code[:, None] == permuted_triple_code(ct, pi, n_species)[None, :]).to(k.dtype)
-            v = at[None, :].expand_as(k)
+            v = at[None, :]
             if bt is not None:
-                b = bt[:, list(sg)][None, :, :]
-                v = v + (d * b).sum(-1) / ell2
-            val += (k * v).sum(1)
-            kd = (k * v)[:, :, None] * d
-            grad -= kd.sum(1) / ell2
-            if bt is not None:
-                grad += k @ bt[:, list(sg)] / ell2
+                b = bt[:, list(sg)]
+                v = v + (d * b[None]).sum(-1) / ell2
+                grad += k @ b / ell2
+            kv = k * v
+            val += kv.sum(1)
+            grad -= torch.einsum("qt,qtd->qd", kv, d) / ell2
         return val, grad
     return _DirectSum.apply(q, chunk_terms, mean.n_terms, max(1, chunk // max(1, q.shape[0])))
 
@@ -698,13 +697,14 @@ def eval_direct2(mean: Terms, ell, r, code, chunk: int = 1 << 22):
     def chunk_terms(r, s, stop):
         d = r[:, None] - mean.q[None, s:stop, 0]
         k = torch.exp(-d * d / (2 * ell2)) * (code[:, None] == mean.code[None, s:stop]).to(r.dtype)
-        v = mean.A[None, s:stop, 0].expand_as(k)
-        grad = -(k * v * d).sum(1) / ell2
+        v = mean.A[None, s:stop, 0]
+        grad = torch.zeros_like(r)
         if mean.B is not None:
             b = mean.B[None, s:stop, 0, 0]
             v = v + d * b / ell2
-            grad = -(k * v * d).sum(1) / ell2 + (k * b).sum(1) / ell2
-        return (k * v).sum(1), grad
+            grad += (k * b).sum(1) / ell2
+        kv = k * v
+        return kv.sum(1), grad - (kv * d).sum(1) / ell2
     return _DirectSum.apply(r, chunk_terms, mean.n_terms, max(1, chunk // max(1, r.shape[0])))
 
 
