@@ -100,10 +100,19 @@ def search_grid(kernels=("rbf", "matern52"), p: float | None = None, sigmas=None
     """
     points = []
     for kernel in kernels:
-        exps = [1.0 if p is None else p] if kernel != "rbf" or p is not None else RBF_EXPONENTS
+        if p is not None:
+            exps = [p]
+        elif kernel == "rbf":
+            exps = RBF_EXPONENTS
+        else:
+            exps = [1.0]
         for e in exps:
-            grid = (sigmas if sigmas is not None
-                    else [r * e for r in RBF_SIGMA_PER_P] if kernel == "rbf" else MATERN_SIGMAS)
+            if sigmas is not None:
+                grid = sigmas
+            elif kernel == "rbf":
+                grid = [r * e for r in RBF_SIGMA_PER_P]
+            else:
+                grid = MATERN_SIGMAS
             points += [(kernel, float(s), float(e)) for s in grid]
     return points
 
