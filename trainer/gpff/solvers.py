@@ -424,13 +424,17 @@ def pcg(op: KernelOperator, y: torch.Tensor, precond=None, x0: torch.Tensor | No
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _fingerprint(op: KernelOperator, y: torch.Tensor) -> tuple[float, float, float]:
+def _fingerprint(op: KernelOperator, y: torch.Tensor, with_kernel: bool) -> tuple:
     """(‖y‖, Σ w y, Σ w diag K) with fixed weights w: a checkpoint resumes only the system it was
-    written for (the diagonal changes with the kernel, σ, p and the symmetries)."""
+    written for (the diagonal changes with the kernel, σ, p and the symmetries). The diagonal
+    is only evaluated `with_kernel` (when there is a checkpoint); else the last entry is None."""
     y = y.reshape(-1).to(torch.float64)
     w = torch.linspace(0.5, 1.5, len(y), dtype=torch.float64, device=y.device)
-    diag = op.diagonal().reshape(-1).to(device=y.device, dtype=torch.float64)
-    return float(torch.linalg.vector_norm(y)), float((w * y).sum()), float((w * diag).sum())
+    k_check = None
+    if with_kernel:
+        diag = op.diagonal().reshape(-1).to(device=y.device, dtype=torch.float64)
+        k_check = float((w * diag).sum())
+    return float(torch.linalg.vector_norm(y)), float((w * y).sum()), k_check
 
 
 def _save_checkpoint(path, state: dict) -> None:
@@ -580,7 +584,7 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
             f"the memory budget of {budget / 1e6:.1f} MB cannot hold a preconditioner of one "
             f"training frame ({preconditioner_bytes(op.n, per) / 1e6:.1f} MB for n = {op.n}); "
             f"raise the memory budget")
-    fprint = _fingerprint(op, y)
+    fprint = _fingerprint(op, y, with_kernel=checkpoint is not None)
 
     state = None
     if resume and checkpoint is not None and os.path.exists(checkpoint):
