@@ -24,17 +24,17 @@ Methods (``--methods``, default all three):
     (solver "auto" by default).
 ``gpff-best``
     requirement (b), gpff's defaults: ``gpff.sgdml.train_sgdml(train, sigmas=None,
-    solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (kernel/σ/p grid,
-    then gradient σ/p on hold-out *training* frames, gpff.hyperopt), energies on, then a refit on all
-    frames; what ``gpff train sgdml DATA -o M`` does. The chosen σ, p and the search are recorded.
+    solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (kernel/σ/p
+    grid, then gradient σ/p on hold-out *training* frames, gpff.hyperopt), energies on, then a
+    refit on all frames; what ``gpff train sgdml DATA -o M`` does. The chosen σ, p and the search are recorded.
 
 σ for ``sgdml`` and ``gpff-same``: ``--sigma`` (default 10) or ``--sigma-per-molecule
 mol=σ,...``; λ = ``--lam`` (default 1e-10). ``--gpff-max-memory`` (GB) is gpff's memory budget:
 "auto" picks Cholesky when the dense kernel fits it, else Nyström-preconditioned CG. Default: 11
 GB for naphthalene — CG, which is what keeps naphthalene × 1000 frames within 12 GB (the scale
 requirement) — and gpff's own default (80 % of RAM) for the other molecules (on 24 GB: Cholesky
-for all five, up to toluene, n = 46000 with energies, 16.9 GB for the kernel). With CG, α is checkpointed
-every few minutes to ``--checkpoint-dir`` and a rerun of the same entry resumes from it.
+for the five others, up to toluene, n = 46000 with energies, 16.9 GB for the kernel). With CG,
+α is checkpointed every few minutes to ``--checkpoint-dir`` and a rerun of the same entry resumes from it.
 
 Each training runs in its own child process, one after the other (never two at once). Per run:
 force MAE / RMSE (per component) and energy MAE / RMSE (per frame) on the test frames, all
