@@ -38,9 +38,10 @@ Parts (``--parts``, default all four), every comparison measured in the same run
     5.15: the criterion), and ``predict([atoms])``, gpff's own evaluation of the same mean by its
     quadrature-grid expansion (the same function up to rounding: forces within 1.2e-7 eV/Å on
     the Si models; far faster). Mapped, three ways: one MD step of that cell in serial LAMMPS
-    with ``pair_style mff`` (force call + integration + amortised neighbour list: the criterion), the bare core call ``gpff._core.MFFModel.compute`` on a
-    precomputed neighbour list, and ``gpff.calculator.GPFFCalculator`` (whose time is mostly
-    ase's Python neighbour list). Target: exact / mapped (LAMMPS step; the core call if LAMMPS
+    with ``pair_style mff`` (force call + integration + amortised neighbour list: the
+    criterion), the bare core call ``gpff._core.MFFModel.compute`` on a precomputed neighbour
+    list, and ``gpff.calculator.GPFFCalculator`` (whose time is mostly ase's Python neighbour
+    list). Target: exact / mapped (LAMMPS step; the core call if LAMMPS
     fails) ≥ 10³ for the textbook GP; every ratio, |F_mapped − F_exact| and |F_direct − F_grid|
     on that cell are recorded.
 
