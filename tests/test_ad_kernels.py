@@ -142,11 +142,8 @@ def rational_quadratic(a: float) -> ScalarKernel:
 def _fit(op, train):
     """Dense Cholesky solve of the AD training kernel; the model's (v, β, c)."""
     K = op.assemble(progress=False)
-    y = torch.as_tensor(train.F).reshape(-1, 1)
-    c = 0.0
-    if op.use_energies:
-        c = float(np.mean(train.E))
-        y = torch.cat([y, torch.as_tensor(train.E - c)[:, None]])
+    c = float(np.mean(train.E)) if op.use_energies else 0.0
+    y = op.labels(train.F, train.E - c)
     coef = torch.cholesky_solve(y, torch.linalg.cholesky(K))[:, 0]
     alpha = coef[:op.nf].reshape(op.m, op.block)
     beta = coef[op.nf:] if op.use_energies else None

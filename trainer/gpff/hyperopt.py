@@ -31,12 +31,10 @@ def validation_loss(train: Dataset, valid: Dataset, perms: torch.Tensor, kernel,
     R = torch.as_tensor(train.R, device=device)
     _, operator, evaluate, kernel_fn = kernel_backend(kernel)
     op = operator(R, perms, kernel_fn, sigma, p, lam, use_energies)
-    y = torch.as_tensor(train.F, device=device).reshape(-1, 1)
-    if use_energies:
-        y = torch.cat([y, torch.as_tensor(train.E - train.E.mean(), device=device)[:, None]])
+    y = op.labels(train.F, train.E - train.E.mean() if use_energies else None)
     K = op.assemble(progress=False)
     a = torch.cholesky_solve(y, torch.linalg.cholesky(K))
-    alpha = a[:op.nf].reshape(len(R), -1)
+    alpha = a[:op.nf].reshape(op.m, op.block)
     x, J = op.x0, op.J0
     v = torch.einsum("mdl,ml->md", J, alpha)
     beta = a[op.nf:, 0] if use_energies else None

@@ -165,11 +165,8 @@ class SGDML:
         perms = torch.as_tensor(self.perms, dtype=torch.long, device=self.device)
         op = self._operator(R, perms, self.kernel_fn, self.sigma, self.p, self.lam,
                             self.use_energies, self.block)
-        y = torch.as_tensor(train.F, dtype=torch.float64, device=self.device).reshape(-1, 1)
-        c = 0.0
-        if self.use_energies:
-            c = float(np.mean(train.E))                              # prior mean of the energy
-            y = torch.cat([y, torch.as_tensor(train.E - c, device=self.device)[:, None]])
+        c = float(np.mean(train.E)) if self.use_energies else 0.0   # prior mean of the energy
+        y = op.labels(train.F, None if train.E is None else train.E - c)
         budget = (int(self.max_memory * 1e9) if self.max_memory is not None
                   else _default_memory_bytes(self.device))
         solver = self._choose_solver(op, budget)
@@ -199,10 +196,10 @@ class SGDML:
                                checkpoint=self.checkpoint, resume=self.resume,
                                progress=self.progress)
             info.update(cg_info)
-        alpha = a[:op.nf].reshape(R.shape)
+        alpha = a[:op.nf].reshape(op.m, op.block)                   # in the bases Q_m
         self.z = z.astype(np.int32)
         self.R_desc = op.x0.cpu().numpy()                              # identity ordering: x(R_m), J(R_m)
-        self.R_d_desc_alpha = torch.einsum("mdl,ml->md", op.J0, alpha.reshape(len(R), -1)).cpu().numpy()
+        self.R_d_desc_alpha = torch.einsum("mdl,ml->md", op.J0, alpha).cpu().numpy()
         self.alpha_E = a[op.nf:, 0].cpu().numpy() if self.use_energies else None
         self.energy_unit = train.energy_unit
         self.integration_constant = c

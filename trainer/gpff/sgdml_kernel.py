@@ -15,6 +15,14 @@ and, when energies are trained on, energy coefficients β (M,). The training sys
 
 and predictions use early contraction v_m = J_m α_m: evaluating the model at the training geometries
 is exactly K [α; β], which is how the iterative solver gets K-vector products without K.
+
+Rigid-motion reduction. J_m has a null space (translations and rotations of R_m leave the descriptor
+unchanged: 6 directions, 5 for a linear molecule), so K_FF = Jᵀ H J is singular there and α's
+component in it, fixed by λ alone, never reaches a prediction (it enters only through J_m α_m).
+The operator therefore works in an orthonormal basis Q_m (3N × r, r = rank J_m, 3N − 6 for a
+nonlinear molecule) of the complement: J_m → J_m Q_m, α_m = Q_m a_m, labels Q_mᵀ F_m. The predictions
+are those of the full system; the unknowns shrink by r/3N and the Cholesky work by (r/3N)³
+(0.47 for a 9-atom molecule).
 """
 
 from __future__ import annotations
@@ -55,11 +63,28 @@ def evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch.Te
     return torch.cat(E), torch.cat(F)
 
 
+def rigid_motion_complement(J: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor:
+    """Orthonormal bases Q (M, 3N, r) of the row spaces of the descriptor Jacobians J (M, D, 3N).
+
+    The row space of J_m is the complement of the displacements that leave the descriptor of R_m
+    unchanged (rigid motions). Q_m holds the right singular vectors of J_m with singular value
+    above `rtol` × the largest; r is the largest such rank over the frames (3N − 6 for a nonlinear
+    molecule; frames of lower rank keep a few null directions, which is harmless). Computed
+    without gradient: the space does not depend on the exponent p.
+    """
+    with torch.no_grad():
+        _, s, Vh = torch.linalg.svd(J, full_matrices=True)
+        r = int((s > rtol * s[:, :1]).sum(1).max())
+        return Vh[:, :r].mT.contiguous()
+
+
 class TrainingKernel:
     """The (3NM [+ M]) × (3NM [+ M]) training kernel matrix K + λI of an sGDML model, as an operator.
 
-    Rows are the force components of each training geometry (frame m owns rows m·3N .. m·3N+3N−1),
-    then, with `use_energies`, one energy row per geometry. Implements the protocol of
+    Rows are the force components of each training geometry in its rigid-motion-free basis Q_m
+    (module docstring; frame m owns rows m·r .. m·r+r−1, r = ``block``), then, with
+    `use_energies`, one energy row per geometry. Right-hand sides come from :meth:`labels`, and
+    force coefficients α_m = Q_m a_m. Implements the protocol of
     gpff.solvers.KernelOperator (matvec, columns, diagonal) and dense assembly for Cholesky.
 
     Args:
@@ -74,17 +99,28 @@ class TrainingKernel:
         self.use_energies = use_energies
         self.rows_per_block = block
         self.m, self.natoms = R.shape[:2]
-        self.block = 3 * self.natoms                                # columns per training frame
-        self.nf = self.block * self.m
-        self.n = self.nf + (self.m if use_energies else 0)
         self.dtype, self.device = R.dtype, R.device
         s = perms.shape[0]
         x, J = inverse_distance_jacobian(R[:, perms], p)            # (M, S, D), (M, S, D, 3N)
         inv = torch.argsort(perms, dim=1)                           # Π_q: columns back to R's atoms
-        cols = (3 * inv[:, :, None] + torch.arange(3, device=R.device)).reshape(s, self.block)
+        cols = (3 * inv[:, :, None] + torch.arange(3, device=R.device)).reshape(s, 3 * self.natoms)
+        JP = torch.gather(J, 3, cols[None, :, None, :].expand_as(J))
+        self.Q = rigid_motion_complement(JP[:, 0])                 # (M, 3N, r)
+        self.block = self.Q.shape[2]                                # unknowns per training frame
+        self.nf = self.block * self.m
+        self.n = self.nf + (self.m if use_energies else 0)
         self.x = x
-        self.JP = torch.gather(J, 3, cols[None, :, None, :].expand_as(J))
+        self.JP = JP @ self.Q[:, None]                              # (M, S, D, r)
         self.x0, self.J0 = x[:, 0], self.JP[:, 0]                  # identity ordering
+
+    def labels(self, F, E=None) -> torch.Tensor:
+        """Right-hand side y (n, 1) of the training system: forces F (M, N, 3) in the basis Q_m,
+        then, with `use_energies`, the energies E (M,) less their prior mean."""
+        F = torch.as_tensor(F, dtype=self.dtype, device=self.device).reshape(self.m, -1)
+        y = torch.einsum("mkr,mk->mr", self.Q, F).reshape(-1, 1)
+        if self.use_energies:
+            y = torch.cat([y, torch.as_tensor(E, dtype=self.dtype, device=self.device)[:, None]])
+        return y
 
     def workspace_bytes(self) -> int:
         """Bytes used besides K or the solver's vectors: the expanded training set, one block of
@@ -182,7 +218,7 @@ class TrainingKernel:
             beta = V[self.nf:, c] if self.use_energies else None
             v = torch.einsum("mdl,ml->md", self.J0, alpha)
             e0, f = self._evaluate(v, beta)
-            out[:self.nf, c] = f.reshape(-1)
+            out[:self.nf, c] = torch.einsum("mkr,mk->mr", self.Q, f.reshape(self.m, -1)).reshape(-1)
             if self.use_energies:
                 out[self.nf:, c] = e0
         return out + self.lam * V
