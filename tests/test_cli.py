@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpff.cli import main
+from gpff.hyperopt import LAMBDAS
 
 from conftest import ETHANOL_TEST, ETHANOL_TRAIN
 
@@ -101,6 +102,11 @@ def test_default_search_and_energies(tmp_path, capsys):
     best = min(search["gradient"], key=lambda g: g["force_rmse"])
     assert best["sigma"] == pytest.approx(search["sigma_validated"])
     assert search["sigma"] == pytest.approx(best["sigma"] * (60 / search["n_grad"]) ** (-1 / 3))
+    # λ: the scan's best, at σ scaled to the 30 hold-out training frames, is the model's
+    scan = search["lambda_scan"]
+    assert [g["lam"] for g in scan] == list(LAMBDAS)
+    assert all(g["sigma"] == pytest.approx(best["sigma"] * (30 / search["n_grad"]) ** (-1 / 3)) for g in scan)
+    assert info["lam"] == search["lam"] == min(scan, key=lambda g: g["force_rmse"])["lam"]
     assert not (tmp_path / "d.gpff.ckpt").exists()
 
 

@@ -221,10 +221,10 @@ class ADTrainingKernel(TrainingKernel):
         ef = -torch.einsum("msdl,bmsd->bml", self.JP, G).reshape(len(frames), self.nf)
         return torch.cat([ef, k.sum(-1)], dim=1)
 
-    def _diagonal_blocks(self, f: torch.Tensor):
-        HJ = self._hess_diag(self.x0[f], self.x[f], self.JP[f])    # (b, S, D, 3N)
-        fd = torch.einsum("bdl,bsdl->bl", self.J0[f], HJ)
-        return fd, self._k_diag(self.x0[f], self.x[f]).sum(1)
+    def _frame_blocks(self, f: torch.Tensor):
+        HJ = self._hess_diag(self.x0[f], self.x[f], self.JP[f])    # (b, S, D, r)
+        fb = torch.einsum("bdk,bsdl->bkl", self.J0[f], HJ)
+        return fb, self._k_diag(self.x0[f], self.x[f]).sum(1)
 
     def _evaluate(self, v: torch.Tensor, beta: torch.Tensor | None):
         return ad_evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma, self.p)

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "when --sigma or --sigma-grid is given)")
     sg.add_argument("--no-energies", dest="use_energies", action="store_false", default=None,
                     help="train on forces only (default: energies too, when the data has them)")
-    sg.add_argument("--lam", type=float, default=1e-10, help="regularisation λ (default 1e-10)")
+    sg.add_argument("--lam", type=float, help="regularisation λ (default: chosen by the search "
+                    "among 1e-10 to 1e-6; sgdml's 1e-10 when --sigma or --sigma-grid is given)")
     sg.add_argument("--solver", choices=["auto", "cholesky", "cg"], default="auto",
                     help="auto: Cholesky when the kernel fits --max-memory, else preconditioned CG")
     sg.add_argument("--max-memory", type=float, help="memory budget in GB (default 80%% of RAM)")

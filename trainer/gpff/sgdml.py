@@ -190,7 +190,7 @@ class SGDML:
             # 10 % of the budget is left for what the fit allocates besides the solve
             spare = int(0.9 * budget) - op.workspace_bytes() - 16 * 8 * op.n
             k = math.ceil(PRECONDITIONER_FRACTION * op.n)
-            while k > op.block and preconditioner_bytes(op.n, k) > spare:
+            while k > op.block and preconditioner_bytes(op.n, k, block=op.block) > spare:
                 k = int(0.8 * k)
             a, cg_info = solve(op, y, tol=self.tol, n_inducing=k, max_memory_bytes=spare,
                                checkpoint=self.checkpoint, resume=self.resume,
@@ -289,12 +289,12 @@ def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=None, **kwa
     Args:
         train: training frames; valid: validation frames (required for a σ grid).
         sigmas: None (the default search: a kernel, σ and p grid, then gradient-based σ and
-            descriptor exponent p, by hold-out validation on training frames only,
+            descriptor exponent p, then λ, by hold-out validation on training frames only,
             gpff.hyperopt.choose_hyperparameters, then a refit on all of `train`), one σ, or
             several σ chosen by validation force MAE on `valid` (the σ grid search of sgdml).
-        kwargs: further :class:`SGDML` arguments. With sigmas=None, `p` and `kernel` are searched
-            unless given (the kernel between "rbf" and "matern52"); otherwise kernel defaults to
-            "matern52" (sgdml's) and p to 1.
+        kwargs: further :class:`SGDML` arguments. With sigmas=None, `p`, `kernel` and `lam` are
+            searched unless given (the kernel between "rbf" and "matern52"); otherwise kernel
+            defaults to "matern52" (sgdml's), p to 1 and λ to 1e-10.
     Returns:
         the chosen model; its ``provenance`` records the search (every point with its errors).
     Raises:
@@ -316,9 +316,12 @@ def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=None, **kwa
         search = choose_hyperparameters(
             train, perms, kernels=("rbf", "matern52") if kernel is None else (kernel,),
             use_energies=(kwargs.get("use_energies") is not False and train.E is not None),
-            lam=kwargs.get("lam", 1e-10), p=kwargs.get("p"),
+            lam=kwargs.get("lam"), p=kwargs.get("p"),
             device=kwargs.get("device", "cpu"), progress=kwargs.get("progress", True))
         sigmas, kwargs["p"], kwargs["kernel"] = [search["sigma"]], search["p"], search["kernel"]
+        kwargs["lam"] = search["lam"]
+    elif kwargs.get("lam") is None:
+        kwargs.pop("lam", None)                          # SGDML's default, sgdml's 1e-10
     sigmas = [float(s) for s in np.atleast_1d(sigmas)]
     if len(sigmas) > 1 and (valid is None or valid.n_frames == 0):
         raise DatasetError("a σ grid needs validation frames (--n-valid or --valid)")

@@ -189,25 +189,32 @@ class TrainingKernel:
 
     def diagonal(self) -> torch.Tensor:
         """diag(K) without λ, (n,): each frame against its own symmetric copies."""
+        force, energy = self.diagonal_blocks()
+        force = force.diagonal(dim1=-2, dim2=-1).reshape(-1)
+        return torch.cat([force, energy]) if self.use_energies else force
+
+    def diagonal_blocks(self):
+        """The frames' diagonal blocks of K without λ: force blocks K_FF[m, m] (M, r, r) and the
+        energy diagonal K_EE[m, m] (M,) (None without energies); for the block-diagonal part of
+        the preconditioner (gpff.solvers.NystromPreconditioner)."""
         force, energy = [], []
         for start in range(0, self.m, self.rows_per_block):
             f = torch.arange(start, min(start + self.rows_per_block, self.m), device=self.device)
-            fd, ed = self._diagonal_blocks(f)
-            force.append(fd.reshape(-1))
-            energy.append(ed)
-        out = torch.cat(force)
-        return torch.cat([out, torch.cat(energy)]) if self.use_energies else out
+            fb, eb = self._frame_blocks(f)
+            force.append(fb)
+            energy.append(eb)
+        return torch.cat(force), (torch.cat(energy) if self.use_energies else None)
 
-    def _diagonal_blocks(self, f: torch.Tensor):
-        """Kernel-dependent part of :meth:`diagonal` for frames f: the force diagonal (b, 3N) and
-        the energy diagonal (b,)."""
+    def _frame_blocks(self, f: torch.Tensor):
+        """Kernel-dependent part of :meth:`diagonal_blocks` for frames f: the force blocks
+        (b, r, r) and the energy diagonal (b,)."""
         U = self.x0[f][:, None, :] - self.x[f]                      # (b, S, D)
         k, k1, k2 = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-        JP, Jf = self.JP[f], self.J0[f]                             # (b,S,D,3N), (b,D,3N)
-        d1 = torch.einsum("bs,bdl,bsdl->bl", k1, Jf, JP)
-        A = torch.einsum("bdl,bsd->bsl", Jf, U)
+        JP, Jf = self.JP[f], self.J0[f]                             # (b,S,D,r), (b,D,r)
+        d1 = torch.einsum("bs,bdk,bsdl->bkl", k1, Jf, JP)
+        A = torch.einsum("bdk,bsd->bsk", Jf, U)
         B = torch.einsum("bsdl,bsd->bsl", JP, U)
-        return -(d1 + torch.einsum("bs,bsl,bsl->bl", k2, A, B)), k.sum(1)
+        return -(d1 + torch.einsum("bs,bsk,bsl->bkl", k2, A, B)), k.sum(1)
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """(K + λI) V for V (n, b), without K: the model with coefficients V evaluated at the
