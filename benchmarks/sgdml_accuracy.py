@@ -25,11 +25,11 @@ Methods (``--methods``, default all three):
 ``gpff-best``
     requirement (b), gpff's defaults: ``gpff.sgdml.train_sgdml(train, sigmas=None,
     solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (kernel/σ/p
-    grid, then gradient σ/p on hold-out *training* frames, gpff.hyperopt), energies on, then a
+    grid, then gradient σ/p, then λ, on hold-out *training* frames, gpff.hyperopt), energies on, then a
     refit on all frames; what ``gpff train sgdml DATA -o M`` does. The chosen σ, p and the search are recorded.
 
 σ for ``sgdml`` and ``gpff-same``: ``--sigma`` (default 10) or ``--sigma-per-molecule
-mol=σ,...``; λ = ``--lam`` (default 1e-10). ``--gpff-max-memory`` (GB) is gpff's memory budget:
+mol=σ,...``; λ = ``--lam`` (default 1e-10; gpff-best searches it unless given). ``--gpff-max-memory`` (GB) is gpff's memory budget:
 "auto" picks Cholesky when the dense kernel fits it, else Nyström-preconditioned CG. Default: 11
 GB for naphthalene — CG, which is what keeps naphthalene × 1000 frames within 12 GB (the scale
 requirement) — and gpff's own default (80 % of RAM) for the other molecules (on 24 GB: Cholesky
@@ -153,7 +153,8 @@ np.savez(cfg["out_pred"], E=np.asarray(E, dtype=float).ravel(),
          F=np.asarray(F, dtype=float).reshape(test["F"].shape))
 info = {"version": sgdml.__version__, "numpy": np.__version__, "train_seconds": t_train,
         "predict_seconds": t_pred, "n_train": int(n), "n_perms": int(model["perms"].shape[0]),
-        "sigma": float(cfg["sigma"]), "p": 1.0, "kernel": "matern52", "use_energies": False,
+        "sigma": float(cfg["sigma"]), "lam": float(cfg["lam"]), "p": 1.0, "kernel": "matern52",
+        "use_energies": False,
         "solver": {"solver": str(model["solver_name"]), "iterations": model.get("solver_iters")},
         "max_memory_gb": cfg["max_memory"]}
 def plain(v):
@@ -422,7 +423,8 @@ def main(argv=None) -> int:
                     help="σ of sgdml and gpff-same (default 10)")
     ap.add_argument("--sigma-per-molecule", type=_parse_sigmas, default={},
                     metavar="MOL=S,...", help="σ per molecule, overriding --sigma")
-    ap.add_argument("--lam", type=float, default=1e-10, help="regularisation λ (default 1e-10)")
+    ap.add_argument("--lam", type=float, help="regularisation λ (default: sgdml's 1e-10 for sgdml "
+                    "and gpff-same; searched by gpff-best)")
     ap.add_argument("--n-train", type=int, default=1000,
                     help="first N frames of each training file (default 1000: all)")
     ap.add_argument("--data-dir", default=None,
@@ -498,7 +500,10 @@ def main(argv=None) -> int:
                     test = gpff.load_dataset(test_path)
                 common = {"name": f"rmd17_{mol}_01", "train": os.path.abspath(train_path),
                           "test": os.path.abspath(test_path), "n_train": args.n_train,
-                          "sigma": sigma, "lam": args.lam, "method": method,
+                          "sigma": sigma, "method": method,
+                          # gpff-best searches λ unless --lam is given; the others use sgdml's
+                          "lam": (args.lam if method == "gpff-best"
+                                  else 1e-10 if args.lam is None else args.lam),
                           "out_pred": os.path.join(tmp, f"{mol}_{method}_pred.npz"),
                           "out_info": os.path.join(tmp, f"{mol}_{method}_info.json")}
                 if method == "sgdml":
@@ -534,7 +539,7 @@ def main(argv=None) -> int:
                     continue
                 err = error_metrics(E, F, test.E, test.F)
                 entry = {"molecule": mol, "method": method, **err, **info,
-                         "n_test": int(test.n_frames), "lam": args.lam,
+                         "n_test": int(test.n_frames),
                          "child_wall_seconds": wall, "peak_rss_bytes": rss,
                          "loadavg_1min": load, "started": started, "cpus": os.cpu_count(),
                          "git": git_state(),

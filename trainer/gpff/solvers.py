@@ -271,9 +271,10 @@ class NystromPreconditioner:
         del L
         self.delta = (_block_factor(op, G, lam) if self.block_diagonal
                       else _BlockDiagonalFactor(lam))
-        # Bᵀ = K̄ᵀ L_Δ⁻ᵀ, chunk by chunk of rows, in place.
-        for s in range(0, k, c):
-            G[s:s + c] = self.delta.solve(G[s:s + c].T).T
+        # Bᵀ = K̄ᵀ L_Δ⁻ᵀ, chunk by chunk of rows (within the TSQR workspace), in place.
+        rows = max(1, k * c // op.n)
+        for s in range(0, k, rows):
+            G[s:s + rows] = self.delta.solve(G[s:s + rows].T).T
         # Streamed thin QR (TSQR) of [B; I]: R of [R_prev; next rows] is R of all rows so far.
         R = eye
         for s in range(0, op.n, c):
