@@ -52,7 +52,8 @@ def _summation_order_error(model, R):
 
 BUNDLED_SGDML = {"ethanol_rmd17.gpff": ("ethanol", 6), "ethanol_rmd17_best.gpff": ("ethanol", 6),
                  "malonaldehyde_rmd17_best.gpff": ("malonaldehyde", 4),
-                 "uracil_rmd17_best.gpff": ("uracil", 1), "toluene_rmd17_best.gpff": ("toluene", 12)}
+                 "uracil_rmd17_best.gpff": ("uracil", 1), "toluene_rmd17_best.gpff": ("toluene", 12),
+                 "naphthalene_rmd17_best.gpff": ("naphthalene", 4)}
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_SGDML))
