@@ -11,7 +11,7 @@ and Materials and Methods:
   K_kk = L Lᵀ, K̄ = K_nk L⁻ᵀ, thin QR [K̄; √λ I] = Q [Dᵀ; 0] (Q never stored), so
   P⁻¹ = λ⁻¹ (I − K̄ D⁻ᵀ D⁻¹ K̄ᵀ); memory O(n k). Our addition: λI may be replaced by the part of
   each frame's diagonal kernel block that K̃ misses, Δ = blockdiag(K − K̃) + λI, which the same
-  route inverts (4–5× fewer iterations on sGDML kernels);
+  route inverts (4–5× fewer iterations on malonaldehyde's Matérn sGDML kernel);
 * inducing columns sampled by approximate λ-ridge leverage scores (eqs. 10-11) computed from a
   second Nyström approximation on uniformly sampled columns;
 * initial guess α₀ = 0 (Methods, "Initial guess");
@@ -57,7 +57,9 @@ class KernelOperator(Protocol):
 
     Optional attributes used when present: ``n_frames`` (or ``m``): number of training frames M;
     ``frame_columns(frames) -> LongTensor``: all columns owned by `frames` (default: the force
-    columns above plus, when n = (block+1)·M, the energy column block·M + m of frame m).
+    columns above plus, when n = (block+1)·M, the energy column block·M + m of frame m);
+    ``diagonal_blocks() -> (force blocks (M, block, block), energy diagonal (M,) or None)``: the
+    frames' diagonal blocks of K, for the block-diagonal part of :class:`NystromPreconditioner`.
     """
 
     n: int
