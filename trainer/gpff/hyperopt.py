@@ -90,11 +90,11 @@ SIGMA_SIZE_EXPONENT = 1.0 / 3.0
 #: λ values of the search's last stage (the kernels' diagonals are O(1) for the grid's σ). On
 #: rMD17 malonaldehyde (RBF, σ = 0.33, p = 0.27, 1000 frames) λ = 1e-8 gives a force MAE of 7.77
 #: meV/Å against 8.32 at sgdml's 1e-10 and 9.87 at 1e-6; the 200-frame hold-out picks 1e-8 too.
-#: A larger λ also conditions the system better for the iterative solver.
+#: A larger λ also conditions the system better for the iterative solver. Naphthalene × 1000: the
+#: scan's 1e-9 gives 2.90 meV/Å against 3.02 at 1e-10, and CG needs 154 iterations instead of
+#: 391. Uracil × 1000 is the counterexample: the scan's 1e-8 (hold-out 2.7 % better than 1e-10)
+#: gives 5.74 meV/Å against 5.48 at 1e-10.
 LAMBDAS = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6)
-#: Naphthalene × 1000: the scan's 1e-9 gives 2.90 meV/Å against 3.02 at 1e-10, and CG needs 154
-#: iterations instead of 391. Uracil × 1000 is the counterexample: the scan's 1e-8 (hold-out 2.7 %
-#: better than 1e-10) gives 5.74 meV/Å against 5.48 at 1e-10.
 
 
 def search_grid(kernels=("rbf", "matern52"), p: float | None = None, sigmas=None):
