@@ -116,11 +116,14 @@ class TrainingKernel:
     def labels(self, F, E=None) -> torch.Tensor:
         """Right-hand side y (n, 1) of the training system: forces F (M, N, 3) in the basis Q_m,
         then, with `use_energies`, the energies E (M,) less their prior mean."""
-        F = torch.as_tensor(F, dtype=self.dtype, device=self.device).reshape(self.m, -1)
-        y = torch.einsum("mkr,mk->mr", self.Q, F).reshape(-1, 1)
+        y = self._in_bases(torch.as_tensor(F, dtype=self.dtype, device=self.device))[:, None]
         if self.use_energies:
             y = torch.cat([y, torch.as_tensor(E, dtype=self.dtype, device=self.device)[:, None]])
         return y
+
+    def _in_bases(self, F: torch.Tensor) -> torch.Tensor:
+        """Per-frame forces F (M, N, 3) in the bases Q_m, flattened: (nf,)."""
+        return torch.einsum("mkr,mk->mr", self.Q, F.reshape(self.m, -1)).reshape(-1)
 
     def workspace_bytes(self) -> int:
         """Bytes used besides K or the solver's vectors: the expanded training set, one block of
@@ -225,7 +228,7 @@ class TrainingKernel:
             beta = V[self.nf:, c] if self.use_energies else None
             v = torch.einsum("mdl,ml->md", self.J0, alpha)
             e0, f = self._evaluate(v, beta)
-            out[:self.nf, c] = torch.einsum("mkr,mk->mr", self.Q, f.reshape(self.m, -1)).reshape(-1)
+            out[:self.nf, c] = self._in_bases(f)
             if self.use_energies:
                 out[self.nf:, c] = e0
         return out + self.lam * V

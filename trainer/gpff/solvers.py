@@ -320,7 +320,7 @@ def _block_factor(op: KernelOperator, G: torch.Tensor, lam: float,
     """Cholesky factor of Δ = blockdiag(K − K̃) + λI from op.diagonal_blocks() and K̄ᵀ = G (k, n).
 
     A block that is not numerically positive definite (round-off where K̃ ≈ K, at the inducing
-    frames) is shifted by further multiples of λ until it factorises."""
+    frames) gets its shift λ raised ×10 until it factorises."""
     blocks, energy = op.diagonal_blocks()
     m, r = blocks.shape[:2]
     if m * r + (0 if energy is None else m) != op.n:
@@ -698,8 +698,7 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
         raise TrainingError(
             f"the memory budget of {budget / 1e6:.1f} MB cannot hold a preconditioner of one "
             f"training frame ({preconditioner_bytes(op.n, per, block=block) / 1e6:.1f} MB for "
-            f"n = {op.n}); "
-            f"raise the memory budget")
+            f"n = {op.n}); raise the memory budget")
     fprint = _fingerprint(op, y, with_kernel=checkpoint is not None)
 
     state = None
