@@ -212,6 +212,8 @@ def test_preconditioner_equals_explicit_woodbury(kernel):
     assert torch.allclose(P.nystrom_factor() @ P.nystrom_factor().T, Kt, rtol=0,
                           atol=1e-10 * float(Kt.abs().max()))
     assert P.apply(V[:, 0]).shape == (op.n,)
+    with pytest.raises(ValueError, match="diagonal_blocks"):         # this operator has none
+        NystromPreconditioner(op, idx, block_diagonal=True)
 
 
 def test_preconditioner_reduces_condition_number_and_iterations(kernel):
