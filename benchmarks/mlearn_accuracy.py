@@ -31,7 +31,8 @@ Methods:
     printed). The raw number is the honest one; the shifted one says how much is a constant.
 ``gpff-2body`` / ``gpff-3body`` (``--gpff``, ``--orders 2,3``)
     ``gpff train nbody TRAIN -o out/mlearn/<El>_order<o>.gpff --order o --cutoff R
-    --cutoff-3body R3 --n-envs N --seed S -q`` (the CLI), then
+    --cutoff-3body R3 [--n-envs N] --seed S -q`` (the CLI; without --n-envs, gpff's default rule
+    within its 25-minute --time-budget), then
     ``mapped``: ``gpff test MODEL TEST --json`` (the C++ core evaluates the splines), and
     ``exact``: the exact GP posterior mean on the test set (``gpff.nbody.NBodyGP.predict``), by a
     child process that refits the GP on the same training configurations with the hyperparameters
@@ -326,7 +327,9 @@ def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> d
     model = os.path.join(model_dir, f"{el}_order{order}.gpff")
     cmd = gpff_cmd() + ["train", "nbody", train_path, "-o", model, "--order", str(order),
                         "--cutoff", repr(rc), "--cutoff-3body", repr(rc3),
-                        "--n-envs", str(args.n_envs), "--seed", str(args.seed), "-q"]
+                        "--seed", str(args.seed), "-q"]
+    if args.n_envs is not None:
+        cmd += ["--n-envs", str(args.n_envs)]
     if args.n_train:
         cmd += ["--n-train", str(args.n_train)]
     cmd += args.train_args.split()
@@ -342,8 +345,9 @@ def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> d
         summary = last_json(out)
     out, test_wall = run(gpff_cmd() + ["test", model, test_path, "--json"])
     mapped = last_json(out)
+    n_envs = summary.get("n_envs", (summary.get("provenance") or {}).get("n_envs"))
     entry = {"method": f"gpff-{order}body", "order": order, "cutoff": rc, "cutoff_3body": rc3,
-             "n_envs": args.n_envs, "seed": args.seed, "model": model,
+             "n_envs": n_envs, "seed": args.seed, "model": model,
              "train_command": " ".join(map(str, cmd)), "train_wall_seconds": train_wall,
              "train_summary": summary,
              "mapped": {"energy_mae": mapped.get("energy_mae"), "energy_rmse": mapped.get("energy_rmse"),
@@ -353,7 +357,7 @@ def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> d
         raise RuntimeError(f"{model}: energy unit {mapped.get('energy_unit')}, expected eV")
     if args.exact:
         cfg = {"model": model, "train": train_path, "test": test_path, "n_train": args.n_train,
-               "seed": args.seed, "n_envs": args.n_envs, "n_envs_optimize": args.n_envs_optimize,
+               "seed": args.seed, "n_envs": n_envs, "n_envs_optimize": args.n_envs_optimize,
                "cutoff_3body": rc3, "out": os.path.join(tmp, f"{el}_{order}_exact.npz")}
         try:
             out, wall = run([sys.executable, "-c", EXACT_CHILD, json.dumps(cfg)])
@@ -478,7 +482,8 @@ def main(argv=None) -> int:
                     help="2-body cutoff, Å: one value or El=R,... (default Si 4.9, Mo 4.6, Li 5.1)")
     ap.add_argument("--cutoff-3body", type=_per_element, default={},
                     help="3-body cutoff, Å: one value or El=R,... (default Si 3.7, Mo 3.5, Li 3.6)")
-    ap.add_argument("--n-envs", type=int, default=1000, help="gpff --n-envs (default 1000)")
+    ap.add_argument("--n-envs", type=int,
+                    help="gpff --n-envs (default: gpff's own rule, as many as --time-budget allows)")
     ap.add_argument("--n-envs-optimize", type=int, default=200,
                     help="gpff --n-envs-optimize, used only if the exact refit must re-optimise")
     ap.add_argument("--n-train", type=int, default=None, help="gpff --n-train (default all)")

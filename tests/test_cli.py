@@ -137,6 +137,13 @@ def test_train_nbody_test_info_export(tmp_path, capsys):
     assert info["provenance"]["n_envs"] == 20
     assert main(["export-table", str(model), "-o", str(tmp_path / "si.table")]) == 0
     assert json.loads(capsys.readouterr().out)["keywords"] == ["Si_Si"]
+    # the default --n-envs: what the budget allows after the search, here nothing beyond the
+    # search's own 10 environments (the floor); the search itself stopped at its time limit
+    assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", "--time-budget",
+                 "1e-6", "--n-envs-optimize", "10", "--n-frames-optimize", "3", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_envs"] == 10 and summary["n_envs_rule"]["n_envs"] == 10
+    assert summary["n_envs_rule"]["time_budget_minutes"] == 1e-6
     water = tmp_path / "h2o.extxyz"
     h2o = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     h2o.calc = SinglePointCalculator(h2o, energy=0.0, forces=np.zeros((3, 3)))

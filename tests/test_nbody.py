@@ -17,7 +17,7 @@ import gpff
 from gpff import nbody_kernels as nk
 from gpff.data import Configurations, load_configurations
 from gpff.environments import FrameEnvironment, cutoff_function
-from gpff.nbody import NBodyGP
+from gpff.nbody import NBodyGP, n_envs_within
 
 from conftest import ROOT
 
@@ -586,7 +586,33 @@ def test_optimize_increases_marginal_likelihood(lj_data):
     before = m.fit(data, n_envs=20).log_marginal_likelihood().item()
     m.optimize(data, n_envs=20, max_iter=15, fix_noise=True)
     assert m.log_marginal_likelihood().item() > before + 1.0
-    assert m.sigma_force == 0.2 and m.provenance["optimization"]["evaluations"] > 0
+    opt = m.provenance["optimization"]
+    assert m.sigma_force == 0.2 and opt["evaluations"] > 1 and opt["stopped"] == "L-BFGS"
+    assert opt["n_rows"] == m._train.n_rows and opt["solve_seconds"] > 0
+
+
+def test_optimize_time_limit_keeps_best_point(lj_data):
+    """Past its time limit the search starts no evaluation and keeps the best point seen: with
+    a zero limit that is the starting point, the one evaluation made."""
+    data = lj_data.subset(np.arange(8))
+    m = NBodyGP(order=2, cutoff=RC, length_scale_2=1.0, sigma_2=2.0, sigma_energy=0.05,
+                sigma_force=0.2, progress=False)
+    m.optimize(data, n_envs=20, max_iter=15, fix_noise=True, time_limit=0.0)
+    opt = m.provenance["optimization"]
+    assert opt["stopped"] == "time limit" and opt["evaluations"] == 1
+    assert m.length_scale_2 == pytest.approx(1.0, rel=1e-12)
+    assert m.sigma_2 == pytest.approx(2.0, rel=1e-12)
+    assert m._lml == pytest.approx(opt["history"][0]["log_marginal_likelihood"], rel=1e-10)
+
+
+def test_n_envs_within_budget():
+    """The default --n-envs rule: rows extrapolated as √(time), floored at the optimisation's
+    environments and capped."""
+    opt = {"solve_seconds": 10.0, "n_rows": 650, "n_envs": 200}
+    assert n_envs_within(40.0, opt, 100, 2000) == (1300 - 100) // 3
+    assert n_envs_within(1e6, opt, 100, 2000) == 2000
+    assert n_envs_within(0.0, opt, 100, 2000) == 200
+    assert n_envs_within(0.0, opt, 100, 150) == 150
 
 
 def test_energy_variance(model3_si):

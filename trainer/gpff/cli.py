@@ -14,6 +14,12 @@ import sys
 
 import numpy as np
 
+#: `gpff train nbody --time-budget`: the share of the budget the marginal-likelihood search may
+#: start evaluations in, and the share of what is then left that the fit may take (the rest is
+#: for the mapping and for the search's last evaluation, which may overrun its share)
+OPTIMIZE_SHARE = 1.0 / 3.0
+FIT_SHARE = 0.85
+
 
 def _floats(text: str):
     try:
@@ -85,7 +91,7 @@ def cmd_train_nbody(args) -> dict:
     from .data import load_configurations, split_indices
     from .errors import DatasetError
     from .mapping import map_gp
-    from .nbody import NBodyGP
+    from .nbody import N_ENVS_MAX, NBodyGP, n_envs_within
 
     data = load_configurations(args.data, energy_unit=args.energy_unit)
     n = len(data.frames)
@@ -102,19 +108,29 @@ def cmd_train_nbody(args) -> dict:
                     cutoff_width=args.cutoff_width, device=args.device,
                     progress=not args.quiet, **options)
     start = time.perf_counter()
+    budget = 60.0 * args.time_budget
+    n_envs, rule = args.n_envs, None
     if not args.no_optimize:
         given = [k for k in ("length_scale_2", "length_scale_3", "sigma_2", "sigma_3")
                  if getattr(args, k) is not None]
         model.optimize(train, n_envs=args.n_envs_optimize, n_frames=args.n_frames_optimize,
-                       seed=args.seed, fix_noise=not args.optimize_noise, fix=given)
-    model.fit(train, n_envs=args.n_envs, seed=args.seed)
+                       seed=args.seed, fix_noise=not args.optimize_noise, fix=given,
+                       time_limit=OPTIMIZE_SHARE * budget)
+        if n_envs is None:
+            left = FIT_SHARE * (budget - (time.perf_counter() - start))
+            n_energies = n_train if train.energies is not None else 0
+            n_envs = n_envs_within(left, model.provenance["optimization"], n_energies, N_ENVS_MAX)
+            rule = {"time_budget_minutes": args.time_budget, "fit_seconds_allowed": round(left, 1),
+                    "n_envs": n_envs, "n_envs_max": N_ENVS_MAX}
+    model.fit(train, n_envs=N_ENVS_MAX if n_envs is None else n_envs, seed=args.seed)
     fit_seconds = time.perf_counter() - start
     check = [train.frames[k] for k in split_indices(n_train, [min(5, n_train)], args.seed + 1)[0]]
     mapped = map_gp(model, map_error=args.map_error, n_points=args.grid,
                     n_points_3body=args.grid_3body, check_frames=check)
     mapped.provenance = {"data": os.path.basename(data.path), "sha256": data.sha256,
                          "n_configurations": n_train, "n_atoms": int(train.n_atoms_total),
-                         "n_envs": int(len(model.force_envs)), "seed": args.seed,
+                         "n_envs": int(len(model.force_envs)), "n_envs_rule": rule,
+                         "seed": args.seed,
                          "train_seconds": round(fit_seconds, 1),
                          "total_seconds": round(time.perf_counter() - start, 1)}
     mapped.save(args.output)
@@ -253,8 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--cutoff-width", type=float, default=1.0,
                     help="width d of the smooth cutoff function, Å (default 1)")
     nb.add_argument("--n-train", type=int, help="training configurations (default all)")
-    nb.add_argument("--n-envs", type=int, default=2000,
-                    help="force environments (atoms, drawn at random) used in training (default 2000)")
+    nb.add_argument("--n-envs", type=int,
+                    help="force environments (atoms, drawn at random) used in training (default: "
+                    "as many as the fit is estimated to take within --time-budget, at most 2000)")
+    nb.add_argument("--time-budget", type=float, default=25.0,
+                    help="minutes for the whole training (default 25): the marginal-likelihood "
+                    "search stops after a third of it, and the default --n-envs is chosen for the "
+                    "rest")
     nb.add_argument("--n-envs-optimize", type=int, default=200,
                     help="force environments used by the marginal-likelihood optimisation (default 200)")
     nb.add_argument("--n-frames-optimize", type=int, default=50,
