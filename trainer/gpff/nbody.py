@@ -904,9 +904,9 @@ class NBodyGP:
         Returns:
             self, with the optimised hyperparameters, fitted on the optimisation data
             (call :meth:`fit` on the full training set afterwards). The provenance entry
-            "optimization" records the evaluations, why the search stopped ("stopped":
-            "L-BFGS" when the optimiser ended, or "time limit") and the seconds and rows of the final solve
-            ("solve_seconds", "n_rows"), from which :func:`n_envs_within` extrapolates.
+            "optimization" records the evaluations, why the search stopped ("stopped": "L-BFGS"
+            when the optimiser ended, or "time limit") and the seconds and rows of the final
+            solve ("solve_seconds", "n_rows"), from which :func:`n_envs_within` extrapolates.
         """
         if n_frames is not None and n_frames < len(configs):
             pick = np.sort(np.random.default_rng(seed).choice(len(configs), int(n_frames), replace=False))
