@@ -61,6 +61,15 @@ def test_errors_exit_2(tmp_path, monkeypatch, capsys, argv, message):
     assert not (tmp_path / "x.gpff").exists()
 
 
+@pytest.mark.parametrize("budget", ["0", "-5", "nan", "5,10"])
+def test_time_budget_must_be_one_positive_number(tmp_path, capsys, budget):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "nbody", "si.extxyz", "-o", str(tmp_path / "x.gpff"), "--time-budget", budget])
+    assert exc.value.code == 2
+    assert "--time-budget" in capsys.readouterr().err
+    assert not (tmp_path / "x.gpff").exists()
+
+
 def test_species_mismatch(tmp_path, capsys, ethanol_model_path):
     with np.load(ETHANOL_TEST) as d:
         arrays = {k: d[k][:5] if k != "nuclear_charges" else d[k][::-1] for k in

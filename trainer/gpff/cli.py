@@ -26,9 +26,17 @@ def _floats(text: str):
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
+
+
+def _positive(text: str) -> float:
+    """One positive number (argparse type)."""
+    values = _floats(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive number, got {text!r}")
+    return values[0]
 
 
 def cmd_train_sgdml(args) -> dict:
@@ -272,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--n-envs", type=int,
                     help="force environments (atoms, drawn at random) used in training (default: "
                     "as many as the fit is estimated to take within --time-budget, at most 2000)")
-    nb.add_argument("--time-budget", type=float, default=25.0,
+    nb.add_argument("--time-budget", type=_positive, default=25.0,
                     help="minutes for the whole training (default 25): the marginal-likelihood "
                     "search stops after a third of it, and the default --n-envs is chosen for the "
                     "rest")
