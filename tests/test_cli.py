@@ -153,6 +153,19 @@ def test_train_nbody_test_info_export(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_envs"] == 10 and summary["n_envs_rule"]["n_envs"] == 10
     assert summary["n_envs_rule"]["time_budget_minutes"] == 1e-6
+    # the search optimises σ_F unless it is given; σ_E stays fixed unless --optimize-noise
+    fast = ["--n-envs", "10", "--n-envs-optimize", "10", "--n-frames-optimize", "3", "-q"]
+    assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", *fast]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fixed_hyperparameters"] == ["sigma_energy"]
+    assert summary["hyperparameters"]["sigma_force"] != pytest.approx(0.1)
+    assert summary["hyperparameters"]["sigma_energy"] == pytest.approx(0.005)
+    assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", "--sigma-force",
+                 "0.2", "--optimize-noise", *fast]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fixed_hyperparameters"] == ["sigma_force"]
+    assert summary["hyperparameters"]["sigma_force"] == pytest.approx(0.2)
+    assert summary["hyperparameters"]["sigma_energy"] != pytest.approx(0.005)
     water = tmp_path / "h2o.extxyz"
     h2o = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     h2o.calc = SinglePointCalculator(h2o, energy=0.0, forces=np.zeros((3, 3)))
