@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-optimize", type=int, default=50,
                    help="force environments of the marginal-likelihood optimisation: min(N, this); "
                    "the GP is then fitted on all N (default 50)")
+    p.add_argument("--max-iter", type=int, default=40,
+                   help="marginal-likelihood evaluations of each optimisation (default 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(ROOT / "out/ni19_learning_curves.json"))
     args = p.parse_args(argv)
@@ -55,15 +57,24 @@ def main(argv=None) -> int:
     test = data.subset(np.arange(600, len(data.frames), 4)[:args.n_test])
     F_ref = np.concatenate(test.forces)
     results = []
+    tuned = {}
     for order in [o if o == "many" else int(o) for o in args.orders.split(",")]:
         for n in [int(s) for s in args.sizes.split(",")]:
             t0 = time.perf_counter()
-            gp = NBodyGP(order=order, cutoff=8.0, cutoff_3body=8.0, cutoff_width=1.0,
-                         length_scale_2=0.5, length_scale_3=0.8, sigma_force=0.05, progress=False)
-            gp.optimize(train, n_envs=min(n, args.n_optimize), seed=args.seed, max_iter=40)
-            lml_opt = gp.hyperparameters["log_marginal_likelihood"]
-            if n > args.n_optimize:
-                gp.fit(train, n_envs=n, seed=args.seed)
+            n_opt = min(n, args.n_optimize)
+            settings = dict(order=order, cutoff=8.0, cutoff_3body=8.0, cutoff_width=1.0,
+                            progress=False)
+            if (order, n_opt) in tuned:            # the same environments were optimised before
+                hp, lml_opt = tuned[order, n_opt]
+                gp = NBodyGP(**settings, **hp).fit(train, n_envs=n, seed=args.seed)
+            else:
+                gp = NBodyGP(**settings, length_scale_2=0.5, length_scale_3=0.8, sigma_force=0.05)
+                gp.optimize(train, n_envs=n_opt, seed=args.seed, max_iter=args.max_iter)
+                hp = dict(gp.hyperparameters)
+                lml_opt = hp.pop("log_marginal_likelihood")
+                tuned[order, n_opt] = (hp, lml_opt)
+                if n > n_opt:
+                    gp.fit(train, n_envs=n, seed=args.seed)
             pred = gp.predict(test.frames)
             F = np.concatenate(pred["forces"])
             err = float(np.mean(np.linalg.norm(F - F_ref, axis=1)))

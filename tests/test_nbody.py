@@ -2,6 +2,7 @@
 automatic differentiation), energy conservation, symmetries, learning known potentials, the
 g₂/g₃ reconstruction identity, the marginal likelihood and its gradient, bad input."""
 
+import itertools
 import math
 
 import numpy as np
@@ -627,6 +628,85 @@ def test_energy_variance(model3_si):
     assert q["energy_variance"][0] < 4 * (8 * model3_si.sigma_energy) ** 2
 
 
+def _many_S_reference(m, env_a, R_a, env_b, R_b):
+    """Σ_{i∈a, j∈b} exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2k₃(ρ_i,ρ_j))/2ℓ²) (eq. 5.31) written out
+    in torch, differentiable in the positions (an independent reference for tiny frames)."""
+    def data(env, R):
+        g = env.tensors("cpu", positions=R)
+        q = torch.stack([torch.linalg.norm(g[k], dim=1) for k in ("d_ij", "d_ik", "d_jk")], dim=1)
+        w = (cutoff_function(q[:, 0], m.cutoff_3body, m.cutoff_width)[0]
+             * cutoff_function(q[:, 1], m.cutoff_3body, m.cutoff_width)[0])
+        s = env.species
+        onehot = torch.zeros(env.n_atoms, env.n_triplets, dtype=torch.float64)
+        onehot[torch.as_tensor(env.trip_i), torch.arange(env.n_triplets)] = 1.0
+        return q, w, (s[env.trip_i], s[env.trip_j], s[env.trip_k]), onehot
+
+    def k3(a, b):
+        (qa, wa, sa, oa), (qb, wb, sb, ob) = a, b
+        tot = 0.0
+        pair = {frozenset((0, 1)): 0, frozenset((0, 2)): 1, frozenset((1, 2)): 2}
+        for perm in itertools.permutations(range(3)):   # relabel the atoms (i, j, k) of b
+            qp = qb[:, [pair[frozenset((perm[0], perm[1]))], pair[frozenset((perm[0], perm[2]))],
+                        pair[frozenset((perm[1], perm[2]))]]]
+            same = np.all([sa[n][:, None] == sb[perm[n]][None, :] for n in range(3)], axis=0)
+            gauss = torch.exp(-((qa[:, None] - qp[None]) ** 2).sum(-1) / (2 * m.length_scale_3 ** 2))
+            tot = tot + gauss * torch.as_tensor(same)
+        return oa @ (wa[:, None] * tot * wb[None, :]) @ ob.T
+
+    A, B = data(env_a, R_a), data(env_b, R_b)
+    na, nb = torch.diagonal(k3(A, A)), torch.diagonal(k3(B, B))
+    return torch.exp(-(na[:, None] + nb[None, :] - 2 * k3(A, B)) / (2 * m.length_scale_many ** 2)).sum()
+
+
+def test_many_body_kernel_matches_autograd_reference():
+    """Every block of the many-body kernel (energy, force, mixed; two species; a periodic cell
+    with images and clusters) equals the autograd derivatives of eq. 5.31 written out."""
+    frames = random_clusters(2, (4, 6), ["Ar", "Kr"], seed=21)
+    cell = random_clusters(1, (4, 5), ["Ar", "Kr"], seed=22, box=3.4)[0]
+    cell.set_cell([4.2, 4.0, 4.4])
+    cell.pbc = True
+    data = label(frames + [cell], lj_energy)
+    m = NBodyGP(order="many", cutoff=RC, cutoff_3body=3.0, length_scale_3=0.9, length_scale_many=1.7,
+                progress=False).fit(data, n_envs=7, seed=3)
+    K = m._many_kernel(m._train, None, m.length_scale_3, m.length_scale_many)
+    obs = m._train
+    rows = m._many_rows(obs)
+    ref = torch.zeros_like(K)
+    for a, env_a in enumerate(obs.envs):
+        for b, env_b in enumerate(obs.envs):
+            Ra = torch.tensor(env_a.positions, requires_grad=True)
+            Rb = torch.tensor(env_b.positions, requires_grad=True)
+            S = _many_S_reference(m, env_a, Ra, env_b, Rb)
+            ga, gb = torch.autograd.grad(S, (Ra, Rb), create_graph=True)
+            ref[rows["E"][a], rows["E"][b]] = S.detach()
+            for atom, r in rows["F"].get(a, []):
+                ref[r:r + 3, rows["E"][b]] = -ga[atom].detach()
+                for beta, rb in rows["F"].get(b, []):
+                    for al in range(3):
+                        h = torch.autograd.grad(ga[atom, al], Rb, retain_graph=True)[0]
+                        ref[r + al, rb:rb + 3] = h[beta]
+            for atom, r in rows["F"].get(b, []):
+                ref[rows["E"][a], r:r + 3] = -gb[atom].detach()
+    np.testing.assert_allclose(K.numpy(), ref.numpy(), rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+    # the derivative rows of predictions: virial against a finite-difference strain, with
+    # periodic images (strain rows) and without (Σ R ⊗ F)
+    p = m.predict(cell)
+    np.testing.assert_allclose(p["stress"][0], fd_stress(m, cell), rtol=0, atol=1e-7)
+    cluster, h = frames[0], 1e-5
+    W = np.zeros(6)
+    for v, (i, j) in enumerate([(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]):
+        e = []
+        for sgn in (-1, 1):
+            eps = np.eye(3)
+            eps[i, j] += sgn * h / 2
+            eps[j, i] += sgn * h / 2
+            b = cluster.copy()
+            b.positions = cluster.positions @ eps
+            e.append(m.predict(b)["energy"][0])
+        W[v] = -(e[1] - e[0]) / (2 * h)
+    np.testing.assert_allclose(m.predict(cluster)["virial"][0], W, rtol=0, atol=1e-7)
+
+
 def test_many_body_order():
     data = label(random_clusters(5, (3, 5), ["Ar"], seed=9), lj_energy)
     m = NBodyGP(order="many", cutoff=RC, cutoff_3body=3.2, length_scale_3=0.8, length_scale_many=2.0,
@@ -637,12 +717,13 @@ def test_many_body_order():
     assert p["energy_variance"][0] > 0
     th = torch.tensor(m.log_hyperparameters(), requires_grad=True)
     m.log_marginal_likelihood(th).backward()
-    k, h = 1, 1e-5
-    e = np.zeros(len(th))
-    e[k] = h
-    fd = (float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() + e)))
-          - float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() - e)))) / (2 * h)
-    assert abs(float(th.grad[k]) - fd) < 1e-5 * max(1.0, abs(fd))
+    for k in (0, 1):                                 # ℓ₃ and ℓ
+        h = 1e-5
+        e = np.zeros(len(th))
+        e[k] = h
+        fd = (float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() + e)))
+              - float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() - e)))) / (2 * h)
+        assert abs(float(th.grad[k]) - fd) < 1e-5 * max(1.0, abs(fd))
     with pytest.raises(ValueError, match="no pair function"):
         m.g2("Ar", "Ar", 2.0)
 

@@ -110,7 +110,7 @@ def cmd_train_nbody(args) -> dict:
     if n_train < 1:
         raise DatasetError(f"{args.data}: no configurations to train on")
     train = data.subset(split_indices(n, [n_train], args.seed)[0])
-    order = args.order if args.order == "many" else int(args.order)
+    order = int(args.order)
     options = {k: v for k, v in dict(
         length_scale_2=args.length_scale_2, length_scale_3=args.length_scale_3,
         sigma_2=args.sigma_2, sigma_3=args.sigma_3, sigma_energy=args.sigma_energy,

@@ -247,3 +247,23 @@ def triplet_jacobian_terms(env: FrameEnvironment, atoms_mask: np.ndarray, u_ij, 
         out_a.append(a[sel])
         out_J.append(torch.stack(rows, dim=1)[sel])
     return torch.cat(out_t), torch.cat(out_a), torch.cat(out_J)
+
+
+def triplet_strain_terms(q, u_ij, u_ik, u_jk):
+    """Derivatives of the triplet distances q = (r_ij, r_ik, r_jk) with respect to a homogeneous
+    strain ε of the frame (vectors d → d (1 + ε)): ∂r/∂ε_αβ = d_α d_β / r = r u_α u_β.
+
+    The six Voigt components are returned as two triples, the normal (xx, yy, zz) and the shear
+    (xy, xz, yz) components, so that they have the layout of two atoms' force derivatives in
+    :func:`triplet_jacobian_terms`.
+
+    Args:
+        q: (T, 3) triplet distances, Å; u_ij, u_ik, u_jk: (T, 3) unit vectors.
+    Returns:
+        J (T, 2, 3, 3) [triple, distance, component].
+    """
+    u = torch.stack([u_ij, u_ik, u_jk], dim=1)                        # (T, distance, xyz)
+    normal = q[:, :, None] * u * u
+    shear = q[:, :, None] * torch.stack([u[..., 0] * u[..., 1], u[..., 0] * u[..., 2],
+                                         u[..., 1] * u[..., 2]], dim=-1)
+    return torch.stack([normal, shear], dim=1)

@@ -10,7 +10,9 @@ with independent zero-mean GP priors on g₂ (per unordered species pair, eqs. 5
 random subset of atoms; the joint energy/force kernel matrix (eq. 5.14) is solved by Cholesky in
 float64, and the forces of the model are the exact -∂E/∂R of its energy (energy conserving).
 Order "many" replaces the local energy by a GP with the many-body kernel of eq. 5.31 built on
-the 3-body kernel (exact GP only: no g₂/g₃, cannot be mapped).
+the 3-body kernel (exact GP only: no g₂/g₃, cannot be mapped); its kernel entries follow from
+3-body covariances of single environments (see NBodyGP._local_functionals), at a cost that
+grows with the square of the number of environments in the training frames.
 
 Kernel algebra: gpff.nbody_kernels; neighbour lists and features: gpff.environments.
 """
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 from . import nbody_kernels as nk
 from .data import Configurations
 from .environments import (FrameEnvironment, cutoff_function, frame_environments,
-                           pair_jacobian_terms, triplet_jacobian_terms)
+                           pair_jacobian_terms, triplet_jacobian_terms, triplet_strain_terms)
 from .errors import DatasetError, SpeciesError, TrainingError
 from .units import virial_to_stress
 
@@ -54,8 +56,6 @@ N_ENVS_MAX = 2000
 GRID3_MEAN_MAX_ELEMENTS = 6e7
 #: largest symmetrised 3-body grid embeddings (elements, float64) the energy blocks keep at once
 GRID3_MAX_ELEMENTS = 4e8
-#: triplet-pair elements the many-body Hessian rows may hold at once (rows batched by vmap)
-MANY_BODY_BATCH_ELEMENTS = 2e8
 #: elements of one streamed chunk of 3-body grid embeddings
 GRID3_CHUNK_ELEMENTS = 4e7
 
@@ -93,36 +93,19 @@ def _log(progress, msg):
 
 
 class _LengthScaleKernel(torch.autograd.Function):
-    """K(log ℓ) as a differentiable function: the builder returns K and dK/dlog ℓ."""
+    """K(log ℓ₁, log ℓ₂, ...) as a differentiable function: the builder returns K and the
+    derivatives dK/dlog ℓ_k (a list, one per entry of log_ells)."""
 
     @staticmethod
-    def forward(ctx, log_ell, builder):
-        K, dK = builder()
-        ctx.save_for_backward(dK)
+    def forward(ctx, log_ells, builder):
+        K, dKs = builder()
+        ctx.save_for_backward(torch.stack(list(dKs)))
         return K.clone()
 
     @staticmethod
     def backward(ctx, grad):
         (dK,) = ctx.saved_tensors
-        return (grad * dK).sum(), None
-
-
-class _ManyBodyKernel(torch.autograd.Function):
-    """Unit many-body kernel K(log ℓ₃, log ℓ) of a model's training observations as a
-    differentiable function whose backward pass rebuilds one frame pair at a time
-    (NBodyGP._many_kernel_vjp) instead of keeping the graphs of all pairs."""
-
-    @staticmethod
-    def forward(ctx, log_ell3, log_ellm, model, obs):
-        ell3, ellm = float(log_ell3.exp()), float(log_ellm.exp())
-        ctx.model, ctx.obs, ctx.ells = model, obs, (ell3, ellm)
-        return model._many_kernel(obs, None, ell3, ellm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        d3, dm = ctx.model._many_kernel_vjp(ctx.obs, grad, *ctx.ells)
-        ell3, ellm = ctx.ells
-        return d3 * ell3, dm * ellm, None, None            # d/dlog ℓ = ℓ d/dℓ
+        return (dK * grad).sum((1, 2)), None
 
 
 class _Observations:
@@ -140,6 +123,33 @@ class _Observations:
     @property
     def n_rows(self) -> int:
         return self.n_E + 3 * self.n_F
+
+
+class _LocalFunctionals:
+    """Environment-resolved 3-body functionals of some frames (the building blocks of the
+    many-body kernel): `obs` holds one energy group per atomic environment i (its local 3-body
+    energy Σ_t w_t g₃(q_t)) and one force group per (environment i, differentiated coordinate
+    triple x of its frame) (-∂/∂x of that local energy), as rows of a 3-body kernel.
+    `energies` is the energy part alone."""
+
+    def __init__(self):
+        self.obs = _Observations()
+        self.energies = None
+        self.frames = []           # frame indices
+        self.e_rows = {}           # frame → (n_env,) kernel rows of the local energies
+        self.f_rows = {}           # frame → (n_env, n_x, 3) kernel rows of their derivatives
+
+
+def _cat_terms(lst, n_groups, D, c, with_B, dev) -> nk.Terms:
+    """The terms of `lst` as one set of n_groups groups (features of dimension D, c components;
+    an empty set if `lst` is)."""
+    if not lst:
+        B = torch.zeros(0, c, D, dtype=torch.float64, device=dev) if with_B else None
+        return nk.Terms(torch.zeros(0, D, dtype=torch.float64, device=dev),
+                        torch.zeros(0, dtype=torch.long, device=dev),
+                        torch.zeros(0, dtype=torch.long, device=dev), n_groups,
+                        torch.zeros(0, c, dtype=torch.float64, device=dev), B)
+    return nk.Terms.cat(lst, n_groups)
 
 
 def _numerics(method):
@@ -290,23 +300,38 @@ class NBodyGP:
                 out["pairsF"] = nk.Terms(r[p, None], code[p], f_row0 + local_t[atom], 0,
                                          -df[p, None] * J, (-f[p, None] * J)[:, :, None])
         if self.order == 3 and env.n_triplets:
-            q, uij, uik, ujk = env.triplet_features(dev)
-            f0, df0 = cutoff_function(q[:, 0], self.cutoff_3body, self.cutoff_width)
-            f1, df1 = cutoff_function(q[:, 1], self.cutoff_3body, self.cutoff_width)
-            w = f0 * f1
-            dw = torch.stack([df0 * f1, f0 * df1, torch.zeros_like(w)], dim=1)
-            ti = torch.as_tensor(env.trip_i, device=dev)
-            tj = torch.as_tensor(env.trip_j, device=dev)
-            tk = torch.as_tensor(env.trip_k, device=dev)
-            code = nk.triple_code(sp[ti], sp[tj], sp[tk], n)
+            q, code, w, dw, u, _ = self._triplets(env)
             if e_row is not None:
                 out["tripE"] = nk.Terms(q, code, torch.full_like(code, e_row), 0, w[:, None])
             if len(force_atoms):
-                t, atom, J = triplet_jacobian_terms(env, mask, uij, uik, ujk)
-                A = -torch.einsum("em,ema->ea", dw[t], J)
-                B = -w[t, None, None] * J.transpose(1, 2)          # (E, α, m)
+                t, atom, J = triplet_jacobian_terms(env, mask, *u)
+                A, B = self._derivative_factors(w, dw, t, J)
                 out["tripF"] = nk.Terms(q[t], code[t], f_row0 + local_t[atom], 0, A, B)
         return out
+
+    def _triplets(self, env: FrameEnvironment):
+        """Triplet data of a frame: distances q (T, 3) Å, species code (T,), weight
+        w = f_c(r_ij) f_c(r_ik) (T,), ∂w/∂q (T, 3), unit vectors (u_ij, u_ik, u_jk) and the
+        centre atom of each triplet (T,)."""
+        dev = self.device
+        sp = torch.as_tensor(env.species, device=dev)
+        q, uij, uik, ujk = env.triplet_features(dev)
+        f0, df0 = cutoff_function(q[:, 0], self.cutoff_3body, self.cutoff_width)
+        f1, df1 = cutoff_function(q[:, 1], self.cutoff_3body, self.cutoff_width)
+        w = f0 * f1
+        dw = torch.stack([df0 * f1, f0 * df1, torch.zeros_like(w)], dim=1)
+        ti = torch.as_tensor(env.trip_i, device=dev)
+        code = nk.triple_code(sp[ti], sp[torch.as_tensor(env.trip_j, device=dev)],
+                              sp[torch.as_tensor(env.trip_k, device=dev)], self.n_species)
+        return q, code, w, dw, (uij, uik, ujk), ti
+
+    @staticmethod
+    def _derivative_factors(w, dw, t, J):
+        """Factors A (E, 3), B (E, 3 components, 3 distances) of the functional -∂(w g₃)/∂x of
+        the entries (triplet t, J = ∂q_t/∂x (E, 3 distances, 3 components))."""
+        A = -torch.einsum("em,ema->ea", dw[t], J)
+        B = -w[t, None, None] * J.transpose(1, 2)
+        return A, B
 
     def _observations(self, envs, energy_frames, force_index) -> _Observations:
         """Observation terms: one energy row per frame in `energy_frames`, three force rows per
@@ -333,23 +358,14 @@ class NBodyGP:
                 parts[k].append(v)
         dev = self.device
 
-        def cat(lst, n_groups, D, c, with_B):
-            if not lst:
-                B = torch.zeros(0, c, D, dtype=torch.float64, device=dev) if with_B else None
-                return nk.Terms(torch.zeros(0, D, dtype=torch.float64, device=dev),
-                                torch.zeros(0, dtype=torch.long, device=dev),
-                                torch.zeros(0, dtype=torch.long, device=dev), n_groups,
-                                torch.zeros(0, c, dtype=torch.float64, device=dev), B)
-            return nk.Terms.cat(lst, n_groups)
-
         # force rows were numbered frame by frame in force_index order within a frame: reorder
         # force_index to match (frame-major, as collected)
         order = np.lexsort((np.arange(obs.n_F), obs.force_index[:, 0]))
         obs.force_index = obs.force_index[order]
-        obs.pairsE = cat(parts["pairsE"], obs.n_E, 1, 1, False)
-        obs.pairsF = cat(parts["pairsF"], obs.n_F, 1, 3, True)
-        obs.tripE = cat(parts["tripE"], obs.n_E, 3, 1, False)
-        obs.tripF = cat(parts["tripF"], obs.n_F, 3, 3, True)
+        obs.pairsE = _cat_terms(parts["pairsE"], obs.n_E, 1, 1, False, dev)
+        obs.pairsF = _cat_terms(parts["pairsF"], obs.n_F, 1, 3, True, dev)
+        obs.tripE = _cat_terms(parts["tripE"], obs.n_E, 3, 1, False, dev)
+        obs.tripF = _cat_terms(parts["tripF"], obs.n_F, 3, 3, True, dev)
         return obs
 
     # ------------------------------------------------------------------ grids
@@ -519,133 +535,185 @@ class NBodyGP:
         return torch.cat([e * e, f * f])
 
     # ------------------------------------------------------------------ many-body kernel
-    def _many_frame_data(self, env, R=None, strain=None):
-        g = env.tensors(self.device, positions=R, strain=strain)
-        q = torch.stack([torch.linalg.norm(g["d_ij"], dim=1), torch.linalg.norm(g["d_ik"], dim=1),
-                         torch.linalg.norm(g["d_jk"], dim=1)], dim=1)
-        f0, _ = cutoff_function(q[:, 0], self.cutoff_3body, self.cutoff_width)
-        f1, _ = cutoff_function(q[:, 1], self.cutoff_3body, self.cutoff_width)
-        sp = torch.as_tensor(env.species, device=self.device)
-        code = nk.triple_code(sp[torch.as_tensor(env.trip_i, device=self.device)],
-                              sp[torch.as_tensor(env.trip_j, device=self.device)],
-                              sp[torch.as_tensor(env.trip_k, device=self.device)], self.n_species)
-        onehot = torch.zeros(env.n_atoms, env.n_triplets, dtype=torch.float64, device=self.device)
-        if env.n_triplets:
-            onehot[torch.as_tensor(env.trip_i, device=self.device),
-                   torch.arange(env.n_triplets, device=self.device)] = 1.0
-        return q, f0 * f1, code, onehot
+    # The many-body local kernel k(ρ_i, ρ_j) = exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2k₃(ρ_i,ρ_j))/2ℓ²)
+    # (eq. 5.31) of a total energy E = Σ_i ε_i gives Cov(E_A, E_B) = S = Σ_{i∈A, j∈B} e_ij with
+    # e_ij = exp(u_ij), u_ij = (2 k_ij - n_i - m_j)/2ℓ², k_ij = k₃(ρ_i, ρ_j), n_i = k₃(ρ_i, ρ_i),
+    # m_j = k₃(ρ_j, ρ_j). With D_x = -∂/∂x (a force or virial component) the chain rule gives
+    #   D_x S     = Σ e_ij P_x,ij,          P_x,ij = (D_x k_ij - ½ D_x n_i)/ℓ²
+    #   D_x D_y S = Σ e_ij (P_x,ij P_y,ij + D_x D_y k_ij/ℓ²)
+    # so every entry follows from 3-body covariances of the local energies of single
+    # environments and of their derivatives: one 3-body kernel (NBodyGP._kernel3, grid or direct
+    # sums) between environment-resolved functionals (:meth:`_local_functionals`), then a cheap
+    # combination per frame pair (:meth:`_many_combine`). No automatic differentiation through
+    # triplet pairs, so memory stays at the 3-body kernel's.
 
-    def _k3_env(self, a, b, ell3):
-        """k₃ between every environment of frame a and of frame b (unit 3-body kernel, eq. 5.37)."""
-        qa, wa, ca, oa = a
-        qb, wb, cb, ob = b
-        tot = torch.zeros(qa.shape[0], qb.shape[0], dtype=torch.float64, device=self.device)
-        for pi, sg in nk.PERMS3:
-            d = qa[:, None, :] - qb[None, :, list(sg)]
-            k = torch.exp(-(d * d).sum(-1) / (2 * ell3 * ell3))
-            if self.n_species > 1:
-                k = k * (ca[:, None] == nk.permuted_triple_code(cb, pi, self.n_species)[None, :]).to(k.dtype)
-            tot = tot + k
-        return oa @ (wa[:, None] * tot * wb[None, :]) @ ob.T
-
-    def _many_S(self, a, b, ell3, ellm):
-        """Σ_{i∈a, j∈b} exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2 k₃(ρ_i,ρ_j))/2ℓ²) (eq. 5.31, unit σ)."""
-        na = torch.diagonal(self._k3_env(a, a, ell3))
-        nb = torch.diagonal(self._k3_env(b, b, ell3))
-        k = self._k3_env(a, b, ell3)
-        return torch.exp(-(na[:, None] + nb[None, :] - 2 * k) / (2 * ellm * ellm)).sum()
-
-    def _many_pairs(self, X: _Observations, Y: _Observations | None):
-        """Frame pairs (a, b, mirror) whose blocks make up the many-body kernel between X and Y
-        (Y None: X with itself, each unordered pair once, `mirror` adding the transposed block)."""
-        sym = Y is None
-        Y = X if sym else Y
-        frames_X = sorted(set(X.energy_frames.tolist()) | set(X.force_index[:, 0].tolist()))
-        frames_Y = sorted(set(Y.energy_frames.tolist()) | set(Y.force_index[:, 0].tolist()))
-        return Y, [(a, b, sym and b != a) for a in frames_X for b in frames_Y if not sym or b >= a]
-
-    @torch.enable_grad()                           # also inside autograd.Function.forward
-    def _many_block(self, X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, create_graph):
-        """Entries (rows, cols, values) of the unit many-body kernel between frame a of X and
-        frame b of Y by automatic differentiation of the frame-pair sum S (energies: S; forces:
-        -∂S/∂R; eqs. 5.9-5.13); `mirror` appends the transposed entries. The values carry a
-        graph to ℓ₃, ℓ if `create_graph`."""
+    def _local_functionals(self, envs, coords: dict) -> _LocalFunctionals:
+        """Environment-resolved 3-body functionals of the frames in `coords` (frame → list of
+        differentiated coordinate triples: atom indices, and n_atoms / n_atoms + 1 for the normal /
+        shear strain components of the virial)."""
         dev = self.device
-        envA, envB = X.envs[a], Y.envs[b]
-        RA = torch.as_tensor(envA.positions, dtype=torch.float64, device=dev).requires_grad_(True)
-        RB = torch.as_tensor(envB.positions, dtype=torch.float64, device=dev).requires_grad_(True)
-        S = self._many_S(self._many_frame_data(envA, RA), self._many_frame_data(envB, RB), ell3, ellm)
-        gA, gB = torch.autograd.grad(S, (RA, RB), create_graph=True)
-        eA, eB = rowsX["E"].get(a), rowsY["E"].get(b)
-        fa, fb = rowsX["F"].get(a, []), rowsY["F"].get(b, [])
-        rows, cols, vals = [], [], []
-        if eA is not None and eB is not None:
-            rows.append(torch.tensor([eA], device=dev))
-            cols.append(torch.tensor([eB], device=dev))
-            vals.append(S.reshape(1))
+        L = _LocalFunctionals()
+        Es, Fs = [], []
+        nE = nF = 0
+        f_groups = {}
+        for c, xs in coords.items():
+            env = envs[c]
+            n, nx = env.n_atoms, len(xs)
+            L.frames.append(c)
+            L.e_rows[c] = torch.arange(nE, nE + n, device=dev)
+            f_groups[c] = nF + torch.arange(n * nx, device=dev).reshape(n, nx)
+            if env.n_triplets:
+                q, code, w, dw, u, ti = self._triplets(env)
+                Es.append(nk.Terms(q, code, nE + ti, 0, w[:, None]))
+                local = torch.full((n + 2,), -1, dtype=torch.long, device=dev)
+                local[torch.as_tensor(list(xs), dtype=torch.long, device=dev)] = torch.arange(nx, device=dev)
+                atoms = [x for x in xs if x < n]
+                if atoms:
+                    mask = np.zeros(n, dtype=bool)
+                    mask[atoms] = True
+                    t, atom, J = triplet_jacobian_terms(env, mask, *u)
+                    A, B = self._derivative_factors(w, dw, t, J)
+                    Fs.append(nk.Terms(q[t], code[t], nF + ti[t] * nx + local[atom], 0, A, B))
+                for s in (0, 1):
+                    if n + s in xs:
+                        t = torch.arange(len(q), device=dev)
+                        A, B = self._derivative_factors(w, dw, t, triplet_strain_terms(q, *u)[:, s])
+                        Fs.append(nk.Terms(q, code, nF + ti * nx + local[n + s], 0, A, B))
+            nE += n
+            nF += n * nx
         three = torch.arange(3, device=dev)
-        if eA is not None and fb:
-            rows.append(torch.full((3 * len(fb),), eA, device=dev))
-            cols.append((torch.tensor([r for _, r in fb], device=dev)[:, None] + three).reshape(-1))
-            vals.append(-gB[[atom for atom, _ in fb]].reshape(-1))
-        if fa and eB is not None:
-            rows.append((torch.tensor([r for _, r in fa], device=dev)[:, None] + three).reshape(-1))
-            cols.append(torch.full((3 * len(fa),), eB, device=dev))
-            vals.append(-gA[[atom for atom, _ in fa]].reshape(-1))
-        if fa and fb:
-            sel = gA[[atom for atom, _ in fa]].reshape(-1)
-            eye = torch.eye(sel.numel(), dtype=torch.float64, device=dev)
-            # rows batched by vmap, a few at a time: each batched row holds its own copy of
-            # the triplet-pair graph (envA.n_triplets × envB.n_triplets × 6 numbers)
-            step = max(1, int(MANY_BODY_BATCH_ELEMENTS
-                              // max(1, 6 * envA.n_triplets * envB.n_triplets)))
-            H = torch.cat([torch.autograd.grad(sel, RB, grad_outputs=eye[r:r + step],
-                                               is_grads_batched=True, create_graph=create_graph,
-                                               retain_graph=True)[0]
-                           for r in range(0, sel.numel(), step)])
-            H = H.reshape(len(fa), 3, -1, 3)[:, :, [atom for atom, _ in fb]]   # (fa, α, fb, β)
-            ra = torch.tensor([r for _, r in fa], device=dev)[:, None] + three   # (fa, α)
-            rb = torch.tensor([r for _, r in fb], device=dev)[:, None] + three   # (fb, β)
-            rows.append(ra[:, :, None, None].expand(H.shape).reshape(-1))
-            cols.append(rb[None, None].expand(H.shape).reshape(-1))
-            vals.append(H.reshape(-1))
-        if not vals:
-            return None
-        r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
-        if not create_graph:
-            v = v.detach()
-        return (torch.cat([r, c]), torch.cat([c, r]), torch.cat([v, v])) if mirror else (r, c, v)
+        L.f_rows = {c: nE + 3 * g[..., None] + three for c, g in f_groups.items()}
+        L.obs.n_E, L.obs.n_F = nE, nF
+        L.obs.tripE = _cat_terms(Es, nE, 3, 1, False, dev)
+        L.obs.tripF = _cat_terms(Fs, nF, 3, 3, True, dev)
+        L.energies = _Observations()
+        L.energies.n_E, L.energies.tripE = nE, L.obs.tripE
+        L.energies.tripF = _cat_terms([], 0, 3, 3, True, dev)
+        return L
 
-    def _many_kernel(self, X: _Observations, Y: _Observations | None, ell3, ellm) -> torch.Tensor:
-        """Unit many-body kernel between the observations of X and Y (Y None: X with itself),
-        (X.n_rows, Y.n_rows), without a graph: assembled one frame pair at a time, so memory
-        holds one pair's triplet-pair graph. Differentiable in ℓ₃, ℓ through :class:`_ManyBodyKernel`."""
-        Y, pairs = self._many_pairs(X, Y)
-        rowsX, rowsY = self._many_rows(X), self._many_rows(Y)
-        M = torch.zeros(X.n_rows, Y.n_rows, dtype=torch.float64, device=self.device)
-        for a, b, mirror in tqdm(pairs, desc="many-body kernel", leave=False, disable=not self.progress):
-            block = self._many_block(X, Y, rowsX, rowsY, a, b, mirror, ell3, ellm, False)
-            if block is not None:
-                M.index_put_(block[:2], block[2], accumulate=True)
-        return M
-
-    @torch.enable_grad()                           # backward passes run without grad mode
-    def _many_kernel_vjp(self, obs: _Observations, grad: torch.Tensor, ell3: float, ellm: float):
-        """(Σ grad ⊙ ∂K/∂ℓ₃, Σ grad ⊙ ∂K/∂ℓ) of the unit many-body kernel of obs with itself,
-        one frame pair at a time (each pair's graph is rebuilt and freed)."""
-        _, pairs = self._many_pairs(obs, None)
-        rows = self._many_rows(obs)
-        out = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for a, b, mirror in tqdm(pairs, desc="many-body kernel gradient", leave=False,
-                                 disable=not self.progress):
-            e3 = torch.tensor(ell3, dtype=torch.float64, device=self.device, requires_grad=True)
-            em = torch.tensor(ellm, dtype=torch.float64, device=self.device, requires_grad=True)
-            block = self._many_block(obs, obs, rows, rows, a, b, mirror, e3, em, True)
-            if block is None:
-                continue
-            r, c, v = block                        # S depends on both ℓ₃ and ℓ
-            out += torch.stack(torch.autograd.grad((grad[r, c] * v).sum(), (e3, em)))
+    @staticmethod
+    def _local_self(L: _LocalFunctionals, K) -> dict:
+        """frame → (n_i (n_env,), D_x n_i (n_env, n_x, 3)) from a 3-body kernel K between all
+        functionals of L (rows) and the local energies of L (columns)."""
+        out = {}
+        for c in L.frames:
+            e = L.e_rows[c]
+            out[c] = (K[e, e], 2.0 * K[L.f_rows[c], e[:, None, None]])
         return out
+
+    @staticmethod
+    def _many_coords(obs: _Observations) -> dict:
+        """frame → differentiated coordinates, in the order of the frame's force rows."""
+        rows = NBodyGP._many_rows(obs)
+        return {c: [atom for atom, _ in rows["F"].get(c, [])]
+                for c in sorted(set(rows["E"]) | set(rows["F"]))}
+
+    def _many_combine(self, LX, LY, K, selfX, selfY, rowsX, rowsY, shape, ellm, symmetric):
+        """Unit many-body kernel (shape) between observations with rows rowsX, rowsY (see
+        :meth:`_many_rows`) from the 3-body kernel K between the functionals of LX and LY and
+        their self terms (the formulas above); `symmetric`: X with itself (upper frame pairs,
+        mirrored). K and ellm may carry forward-mode tangents."""
+        dev = self.device
+        il2 = 1.0 / (ellm * ellm)
+        rows, cols, vals = [], [], []
+
+        def put(r, c, v):
+            rows.append(r.reshape(-1))
+            cols.append(c.reshape(-1))
+            vals.append(v.reshape(-1))
+
+        three = torch.arange(3, device=dev)
+
+        def frow(F, c):
+            """(n_x, 3) observation rows of the force (or virial) rows of frame c."""
+            return torch.tensor([r for _, r in F[c]], device=dev)[:, None] + three
+
+        for a in LX.frames:
+            eA, (nA, DnA) = LX.e_rows[a], selfX[a]
+            rA = rowsX["E"].get(a)
+            fa = a in rowsX["F"]
+            oA = frow(rowsX["F"], a) if fa else None
+            for b in LY.frames:
+                if symmetric and b < a:
+                    continue
+                eB, (nB, DnB) = LY.e_rows[b], selfY[b]
+                rB = rowsY["E"].get(b)
+                fb = b in rowsY["F"]
+                oB = frow(rowsY["F"], b) if fb else None
+                e = torch.exp((2.0 * K[eA[:, None], eB[None, :]] - nA[:, None] - nB[None, :]) * (0.5 * il2))
+                blocks = []
+                if rA is not None and rB is not None:
+                    blocks.append((torch.tensor(rA, device=dev), torch.tensor(rB, device=dev), e.sum()))
+                if fa:
+                    PA = (K[LX.f_rows[a][..., None], eB] - 0.5 * DnA[..., None]) * il2   # (i, x, α, j)
+                if fb:
+                    PB = (K[eA[:, None, None, None], LY.f_rows[b][None]] - 0.5 * DnB[None]) * il2
+                if fa and rB is not None:
+                    blocks.append((oA, torch.tensor(rB, device=dev).expand(oA.shape),
+                                   torch.einsum("ij,ixaj->xa", e, PA)))
+                if fb and rA is not None:
+                    blocks.append((torch.tensor(rA, device=dev).expand(oB.shape), oB,
+                                   torch.einsum("ij,ijyb->yb", e, PB)))
+                if fa and fb:
+                    kFF = K[LX.f_rows[a][:, :, :, None, None, None], LY.f_rows[b][None, None, None]]
+                    v = (torch.einsum("ij,ixaj,ijyb->xayb", e, PA, PB)
+                         + torch.einsum("ij,ixajyb->xayb", e, kFF) * il2)
+                    blocks.append((oA[:, :, None, None].expand(v.shape), oB[None, None].expand(v.shape), v))
+                for r, c, v in blocks:
+                    put(r, c, v)
+                    if symmetric and b != a:
+                        put(c, r, v)
+        M = torch.zeros(shape, dtype=torch.float64, device=dev)
+        if not vals:
+            return M * il2
+        return M.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(vals), accumulate=True)
+
+    def _many_kernel(self, X: _Observations, Y: _Observations | None, ell3: float, ellm: float,
+                     tangents: bool = False):
+        """Unit many-body kernel (eq. 5.31, σ = 1) between the observations of X and Y (Y None: X
+        with itself; Y is not None: Y must be the training observations) at ℓ₃, ℓ.
+
+        Returns:
+            K (X.n_rows, Y.n_rows); with `tangents` (X with itself only) (K, [dK/dlog ℓ₃,
+            dK/dlog ℓ]) by forward-mode AD.
+        """
+        dev = self.device
+        sym = Y is None
+        rowsX = self._many_rows(X)
+        LX = self._local_functionals(X.envs, self._many_coords(X))
+        shape = (X.n_rows, X.n_rows if sym else Y.n_rows)
+        em = torch.tensor(ellm, dtype=torch.float64, device=dev)
+        if sym:
+            K, dK = self._unit_kernel("k3", LX.obs, None, ell3, tangents=tangents)
+
+            def combine(K, em):
+                S = self._local_self(LX, K)
+                return self._many_combine(LX, LX, K, S, S, rowsX, rowsX, shape, em, True)
+
+            if not tangents:
+                return combine(K, em)
+            with torch.no_grad(), fwAD.dual_level():      # d/dlog ℓ₃ through K's tangent
+                M, d3 = fwAD.unpack_dual(combine(fwAD.make_dual(K, dK), em))
+                M, d3 = M.clone(), d3.clone()
+            with torch.no_grad(), fwAD.dual_level():      # d ℓ / d log ℓ = ℓ
+                dm = fwAD.unpack_dual(combine(K, fwAD.make_dual(em, em.clone())))[1].clone()
+            return M, [d3, dm]
+        LY, selfY = self._many_train_local(ell3)
+        with torch.no_grad():
+            K = self._unit_kernel("k3", LX.obs, LY.obs, ell3)[0]
+            selfX = self._local_self(LX, self._unit_kernel("k3", LX.obs, LX.energies, ell3)[0])
+            return self._many_combine(LX, LY, K, selfX, selfY, rowsX, self._many_rows(self._train),
+                                      shape, em, False)
+
+    def _many_train_local(self, ell3: float):
+        """(functionals, self terms) of the training observations at ℓ₃ (cached)."""
+        key = ("many-local", ell3)
+        if key not in self._cache:
+            self._cache = {k: x for k, x in self._cache.items() if k[0] != "many-local"}
+            L = self._local_functionals(self._train.envs, self._many_coords(self._train))
+            K = self._unit_kernel("k3", L.obs, L.energies, ell3)[0]
+            self._cache[key] = (L, self._local_self(L, K))
+        return self._cache[key]
 
     @staticmethod
     def _many_rows(obs):
@@ -666,26 +734,29 @@ class NBodyGP:
         need = log_hp.requires_grad
         K = 0.0
         if self.order == "many":
-            i3, im = names.index("length_scale_3"), names.index("length_scale_many")
-            Kn = (_ManyBodyKernel.apply(log_hp[i3], log_hp[im], self, obs) if need else
-                  self._many_kernel(obs, None, float(v["length_scale_3"]), float(v["length_scale_many"])))
-            K = v["sigma_many"] ** 2 * Kn
+            terms = [("many", ("length_scale_3", "length_scale_many"), "sigma_many")]
         else:
-            terms = [("k2", "length_scale_2", "sigma_2")]
+            terms = [("k2", ("length_scale_2",), "sigma_2")]
             if self.order == 3:
-                terms.append(("k3", "length_scale_3", "sigma_3"))
-            for name, key, sig in terms:
-                ell_value = float(v[key].detach())
-                ckey = (name, ell_value, need)
-                if ckey not in self._cache:
-                    self._cache = {k: x for k, x in self._cache.items() if k[0] != name}
-                    self._cache[ckey] = self._unit_kernel(name, obs, None, ell_value, tangents=need)
-                Kt, dK = self._cache[ckey]
-                if need:
-                    Kn = _LengthScaleKernel.apply(log_hp[names.index(key)], lambda Kt=Kt, dK=dK: (Kt, dK))
+                terms.append(("k3", ("length_scale_3",), "sigma_3"))
+        for name, keys, sig in terms:
+            ells = tuple(float(v[key].detach()) for key in keys)
+            ckey = (name, ells, need)
+            if ckey not in self._cache:
+                self._cache = {k: x for k, x in self._cache.items() if k[0] != name}
+                if name == "many":
+                    built = self._many_kernel(obs, None, *ells, tangents=need)
+                    self._cache[ckey] = built if need else (built, None)
                 else:
-                    Kn = Kt
-                K = K + v[sig] ** 2 * Kn
+                    Kt, dK = self._unit_kernel(name, obs, None, ells[0], tangents=need)
+                    self._cache[ckey] = (Kt, [dK])
+            Kt, dKs = self._cache[ckey]
+            if need:
+                log_ells = torch.stack([log_hp[names.index(key)] for key in keys])
+                Kn = _LengthScaleKernel.apply(log_ells, lambda Kt=Kt, dKs=dKs: (Kt, dKs))
+            else:
+                Kn = Kt
+            K = K + v[sig] ** 2 * Kn
         D = self._noise_diag(obs, v["sigma_energy"], v["sigma_force"])
         return K + torch.diag(D)
 
@@ -994,8 +1065,8 @@ class NBodyGP:
         model for each order and report the maximised log marginal likelihoods.
 
         Args:
-            configs: frames (a small subset: order "many" builds its kernel by automatic
-                differentiation).
+            configs: frames (a small subset: the kernel of order "many" costs the square of
+                all the environments of the frames with observations).
             orders: orders to compare.
             optimize_kwargs: passed to :meth:`optimize` (n_envs, seed, n_frames, fix_noise, ...).
         Returns:
@@ -1195,29 +1266,40 @@ class NBodyGP:
             E = E + (f0 * f1 * self._g3_torch(q, code, direct)).sum()
         return E
 
-    def _energy_many(self, env, R, strain):
-        """Model energy of one frame (order "many"): e₀ + Σ_o α_o Cov(E, y_o)."""
+    def _predict_frame(self, env, direct: bool):
+        """Energy, forces (N, 3) and virial (6,) of one frame (orders 2, 3) by differentiating
+        the model energy with respect to the positions and a strain."""
         dev = self.device
-        obs = self._train
-        sp = torch.as_tensor(env.species, device=dev)
-        E = torch.as_tensor(self._e0, dtype=torch.float64, device=dev)[sp].sum()
-        ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=dev)
-        ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=dev)
-        me = self._many_frame_data(env, R, strain)
-        rows = self._many_rows(obs)
-        frames = sorted(set(rows["E"]) | set(rows["F"]))
-        acc = 0.0
-        for c in frames:
-            envc = obs.envs[c]
-            Rc = torch.as_tensor(envc.positions, dtype=torch.float64, device=dev).requires_grad_(True)
-            S = self._many_S(me, self._many_frame_data(envc, Rc), ell3, ellm)
-            if c in rows["E"]:
-                acc = acc + self._alpha[rows["E"][c]] * S
-            if c in rows["F"]:
-                (gc,) = torch.autograd.grad(S, Rc, create_graph=True)
-                for atom, row in rows["F"][c]:
-                    acc = acc - (self._alpha[row:row + 3] * gc[atom]).sum()
-        return E + self.sigma_many ** 2 * acc
+        R = torch.as_tensor(env.positions, dtype=torch.float64, device=dev).requires_grad_(True)
+        eps = torch.zeros(3, 3, dtype=torch.float64, device=dev, requires_grad=True)
+        E = self._energy_torch(env, R, 0.5 * (eps + eps.T), direct)
+        if E.requires_grad:
+            gR, gE = torch.autograd.grad(E, (R, eps), allow_unused=True)
+        else:                                    # no neighbours: a constant energy
+            gR = gE = None
+        gR = torch.zeros_like(R) if gR is None else gR
+        W = np.zeros((3, 3)) if gE is None else -gE.detach().cpu().numpy()
+        virial = np.array([W[0, 0], W[1, 1], W[2, 2], W[0, 1], W[0, 2], W[1, 2]])
+        return float(E.detach()), -gR.detach().cpu().numpy(), virial
+
+    def _predict_many(self, env):
+        """Energy, forces (N, 3) and virial (6,) of one frame (order "many") as posterior means
+        of the observations E, -∂E/∂R and -∂E/∂ε: e₀ + σ² k*ᵀα with the cross kernel rows of
+        those observations (exact derivatives of the mean energy). For a frame without periodic
+        images the virial is Σ_a R_a ⊗ F_a, the same derivative at less cost."""
+        n = env.n_atoms
+        periodic = bool(env.n_triplets) and bool(np.any(env.trip_S1) or np.any(env.trip_S2))
+        xs = list(range(n + 2 if periodic else n))                       # + strain triples
+        T = self._observations([env], [0], [(0, x) for x in xs])
+        y = self.sigma_many ** 2 * (self._many_kernel(T, self._train, self.length_scale_3,
+                                                      self.length_scale_many) @ self._alpha)
+        E = float(self._e0[env.species].sum() + y[0])
+        rest = y[1:].reshape(len(xs), 3).cpu().numpy()
+        F = rest[:n]
+        if periodic:
+            return E, F, rest[n:].reshape(6)
+        W = env.positions.T @ F
+        return E, F, np.array([W[0, 0], W[1, 1], W[2, 2], W[0, 1], W[0, 2], W[1, 2]])
 
     @_numerics
     def predict(self, frames, variance: bool = False, direct: bool = False) -> dict:
@@ -1247,27 +1329,14 @@ class NBodyGP:
             if not np.all(np.isfinite(at.positions)) or not np.all(np.isfinite(np.asarray(at.cell.array))):
                 raise DatasetError(f"frame {k}: positions or cell contain NaN or inf")
             envs.append(FrameEnvironment(at, self.species, self.cutoff, self.cutoff_3body))
-        dev = self.device
         E_out, F_out, W_out, S_out = [], [], [], []
         for env in tqdm(envs, desc="predict", leave=False, disable=not self.progress or len(envs) < 10):
-            R = torch.as_tensor(env.positions, dtype=torch.float64, device=dev).requires_grad_(True)
-            eps = torch.zeros(3, 3, dtype=torch.float64, device=dev, requires_grad=True)
-            strain = 0.5 * (eps + eps.T)
-            E = (self._energy_many(env, R, strain) if self.order == "many"
-                 else self._energy_torch(env, R, strain, direct))
-            if E.requires_grad:
-                gR, gE = torch.autograd.grad(E, (R, eps), allow_unused=True)
-            else:                                    # no neighbours: a constant energy
-                gR = gE = None
-            gR = torch.zeros_like(R) if gR is None else gR
-            gE = torch.zeros_like(eps) if gE is None else gE
-            W = -gE.detach().cpu().numpy()
-            virial = np.array([W[0, 0], W[1, 1], W[2, 2], W[0, 1], W[0, 2], W[1, 2]])
-            E_out.append(float(E.detach()))
-            F_out.append(-gR.detach().cpu().numpy())
+            E, F, virial = (self._predict_many(env) if self.order == "many"
+                            else self._predict_frame(env, direct))
+            E_out.append(E)
+            F_out.append(F)
             W_out.append(virial)
-            vol = env.volume
-            S_out.append(virial_to_stress(virial, vol) if vol > 0 else np.full(6, np.nan))
+            S_out.append(virial_to_stress(virial, env.volume) if env.volume > 0 else np.full(6, np.nan))
         out = {"energy": np.array(E_out), "forces": F_out, "virial": np.array(W_out).reshape(-1, 6),
                "stress": np.array(S_out).reshape(-1, 6)}
         if variance:
@@ -1280,9 +1349,8 @@ class NBodyGP:
     def _cross_kernel(self, T: _Observations):
         """Noise-free prior covariance between the observations of T and the training ones."""
         if self.order == "many":
-            ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
-            ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=self.device)
-            return self.sigma_many ** 2 * self._many_kernel(T, self._train, ell3, ellm)
+            return self.sigma_many ** 2 * self._many_kernel(T, self._train, self.length_scale_3,
+                                                            self.length_scale_many)
         u = self._unit_kernels(T, self._train)
         K = self.sigma_2 ** 2 * u["k2"]
         if self.order == 3:
@@ -1292,9 +1360,8 @@ class NBodyGP:
     def _prior_energy_cov(self, T: _Observations):
         """Prior covariance of the energies of T among themselves (n, n)."""
         if self.order == "many":
-            ell3 = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
-            ellm = torch.tensor(self.length_scale_many, dtype=torch.float64, device=self.device)
-            return self.sigma_many ** 2 * self._many_kernel(T, None, ell3, ellm)
+            return self.sigma_many ** 2 * self._many_kernel(T, None, self.length_scale_3,
+                                                            self.length_scale_many)
         u = self._unit_kernels(T, None)
         K = self.sigma_2 ** 2 * u["k2"]
         if self.order == 3:
