@@ -629,8 +629,9 @@ def test_energy_variance(model3_si):
 
 
 def _many_S_reference(m, env_a, R_a, env_b, R_b):
-    """Σ_{i∈a, j∈b} exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2k₃(ρ_i,ρ_j))/2ℓ²) (eq. 5.31) written out
-    in torch, differentiable in the positions (an independent reference for tiny frames)."""
+    """Σ_{i∈a, j∈b} exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2k₃(ρ_i,ρ_j))/2ℓ²) (eq. 5.31; order 5:
+    Σ k₃(ρ_i,ρ_j)², eq. 5.30) written out in torch, differentiable in the positions (an
+    independent reference for tiny frames)."""
     def data(env, R):
         g = env.tensors("cpu", positions=R)
         q = torch.stack([torch.linalg.norm(g[k], dim=1) for k in ("d_ij", "d_ik", "d_jk")], dim=1)
@@ -654,19 +655,22 @@ def _many_S_reference(m, env_a, R_a, env_b, R_b):
         return oa @ (wa[:, None] * tot * wb[None, :]) @ ob.T
 
     A, B = data(env_a, R_a), data(env_b, R_b)
+    if m.order == 5:
+        return (k3(A, B) ** 2).sum()
     na, nb = torch.diagonal(k3(A, A)), torch.diagonal(k3(B, B))
     return torch.exp(-(na[:, None] + nb[None, :] - 2 * k3(A, B)) / (2 * m.length_scale_many ** 2)).sum()
 
 
-def test_many_body_kernel_matches_autograd_reference():
-    """Every block of the many-body kernel (energy, force, mixed; two species; a periodic cell
-    with images and clusters) equals the autograd derivatives of eq. 5.31 written out."""
+@pytest.mark.parametrize("order", [5, "many"])
+def test_many_body_kernel_matches_autograd_reference(order):
+    """Every block of the many-body kernels (energy, force, mixed; two species; a periodic cell
+    with images and clusters) equals the autograd derivatives of eqs. 5.30/5.31 written out."""
     frames = random_clusters(2, (4, 6), ["Ar", "Kr"], seed=21)
     cell = random_clusters(1, (4, 5), ["Ar", "Kr"], seed=22, box=3.4)[0]
     cell.set_cell([4.2, 4.0, 4.4])
     cell.pbc = True
     data = label(frames + [cell], lj_energy)
-    m = NBodyGP(order="many", cutoff=RC, cutoff_3body=3.0, length_scale_3=0.9, length_scale_many=1.7,
+    m = NBodyGP(order=order, cutoff=RC, cutoff_3body=3.0, length_scale_3=0.9, length_scale_many=1.7,
                 progress=False).fit(data, n_envs=7, seed=3)
     K = m._many_kernel(m._train, None, m.length_scale_3, m.length_scale_many)
     obs = m._train
@@ -707,9 +711,10 @@ def test_many_body_kernel_matches_autograd_reference():
     np.testing.assert_allclose(m.predict(cluster)["virial"][0], W, rtol=0, atol=1e-7)
 
 
-def test_many_body_order():
+@pytest.mark.parametrize("order", [5, "many"])
+def test_many_body_order(order):
     data = label(random_clusters(5, (3, 5), ["Ar"], seed=9), lj_energy)
-    m = NBodyGP(order="many", cutoff=RC, cutoff_3body=3.2, length_scale_3=0.8, length_scale_many=2.0,
+    m = NBodyGP(order=order, cutoff=RC, cutoff_3body=3.2, length_scale_3=0.8, length_scale_many=2.0,
                 sigma_many=1.0, sigma_energy=1e-2, sigma_force=5e-2, progress=False).fit(data, n_envs=6)
     at = random_clusters(1, (4, 5), ["Ar"], seed=10)[0]
     p = m.predict(at, variance=True)
@@ -717,7 +722,7 @@ def test_many_body_order():
     assert p["energy_variance"][0] > 0
     th = torch.tensor(m.log_hyperparameters(), requires_grad=True)
     m.log_marginal_likelihood(th).backward()
-    for k in (0, 1):                                 # ℓ₃ and ℓ
+    for k in (0, 1) if order == "many" else (0,):   # ℓ₃ and ℓ
         h = 1e-5
         e = np.zeros(len(th))
         e[k] = h
@@ -731,8 +736,8 @@ def test_many_body_order():
 def test_select_order_reports_each_order():
     data = label(random_clusters(4, (3, 5), ["Ar"], seed=12), lj_energy)
     m = NBodyGP(order=2, cutoff=RC, cutoff_3body=3.2, progress=False)
-    out = m.select_order(data, orders=(2, 3, "many"), n_envs=4, max_iter=3)
-    assert set(out) == {2, 3, "many"} and all(np.isfinite(v) for v in out.values())
+    out = m.select_order(data, orders=(2, 3, 5, "many"), n_envs=4, max_iter=3)
+    assert set(out) == {2, 3, 5, "many"} and all(np.isfinite(v) for v in out.values())
 
 
 def test_forces_only_training_and_summary():

@@ -9,10 +9,11 @@ with independent zero-mean GP priors on g₂ (per unordered species pair, eqs. 5
 (S₃-symmetrised, eq. 5.37). Observations are total energies and Cartesian force components of a
 random subset of atoms; the joint energy/force kernel matrix (eq. 5.14) is solved by Cholesky in
 float64, and the forces of the model are the exact -∂E/∂R of its energy (energy conserving).
-Order "many" replaces the local energy by a GP with the many-body kernel of eq. 5.31 built on
-the 3-body kernel (exact GP only: no g₂/g₃, cannot be mapped); its kernel entries follow from
-3-body covariances of single environments (see NBodyGP._local_functionals), at a cost that
-grows with the square of the number of environments in the training frames.
+Orders 5 and "many" replace the local energy by a GP with a many-body kernel built on the 3-body
+kernel: the non-unique 5-body kernel k₃² (eq. 5.30, ζ = 2) or the many-body kernel of eq. 5.31
+(exact GP only: no g₂/g₃, cannot be mapped). Their kernel entries follow from 3-body covariances
+of single environments (see NBodyGP._local_functionals), at a cost that grows with the square
+of the number of environments in the training frames.
 
 Kernel algebra: gpff.nbody_kernels; neighbour lists and features: gpff.environments.
 """
@@ -36,7 +37,9 @@ from .environments import (FrameEnvironment, cutoff_function, frame_environments
 from .errors import DatasetError, SpeciesError, TrainingError
 from .units import virial_to_stress
 
-ORDERS = (2, 3, "many")
+ORDERS = (2, 3, 5, "many")
+#: the orders whose local-energy kernel is a function of the 3-body kernel (eqs. 5.30, 5.31)
+MANY_BODY_ORDERS = (5, "many")
 KERNEL_METHODS = ("auto", "grid", "direct")
 #: lower extension (Å) of the 3-body quadrature grid below the shortest training distance:
 #: g₃ queries down to r_min - 2 × this are evaluated on the grid, lower ones by direct sums
@@ -167,17 +170,17 @@ class NBodyGP:
     """Exact n-body GP force field of docs/mff.md (2-body, 2+3-body, or many-body kernel).
 
     Args:
-        order: 2 (2-body), 3 (2-body + 3-body, kernel sum) or "many" (eq. 5.31 on the 3-body
-            kernel; exact GP only, small datasets: its kernel is built by automatic
-            differentiation, O((frames·atoms·triplets)²)).
+        order: 2 (2-body), 3 (2-body + 3-body, kernel sum), 5 (the non-unique 5-body kernel
+            σ² k₃(ρ, ρ')² of eq. 5.30) or "many" (eq. 5.31 on the 3-body kernel); orders 5 and
+            "many": exact GP only, cost ∝ (environments of the training frames)².
         cutoff: r_c of the 2-body term, Å.
-        cutoff_3body: r_c3 of the 3-body term, Å (default: cutoff); orders 3 and "many".
+        cutoff_3body: r_c3 of the 3-body term, Å (default: cutoff); orders 3, 5 and "many".
         cutoff_width: d of the smooth cutoff f_c, Å (0 < d ≤ min(r_c, r_c3)).
         length_scale_2, sigma_2: ℓ₂ (Å) and signal σ₂ (energy unit) of the g₂ prior.
-        length_scale_3, sigma_3: ℓ₃ (Å) and signal σ₃ of the g₃ prior (order "many": ℓ₃ is the
-            length scale of the inner 3-body kernel).
-        length_scale_many, sigma_many: outer length scale ℓ (dimensionless) and signal of the
-            many-body kernel σ² exp(-d_s²/2ℓ²) (order "many" only).
+        length_scale_3, sigma_3: ℓ₃ (Å) and signal σ₃ of the g₃ prior (orders 5 and "many": ℓ₃
+            is the length scale of the inner 3-body kernel).
+        length_scale_many, sigma_many: outer length scale ℓ (dimensionless; order "many") and
+            signal σ (orders 5 and "many") of the many-body kernel σ² exp(-d_s²/2ℓ²) or σ² k₃².
         sigma_energy: noise of the energy per atom (energy unit); a total energy of N atoms has
             noise N σ_E.
         sigma_force: noise of a force component (energy unit/Å).
@@ -201,13 +204,13 @@ class NBodyGP:
                  sigma_energy: float = 0.002, sigma_force: float = 0.05,
                  kernel_method: str = "auto", device: str = "cpu", progress: bool = True):
         if order not in ORDERS:
-            raise ValueError(f"order must be one of 2, 3, 'many', got {order!r}")
+            raise ValueError(f"order must be one of 2, 3, 5, 'many', got {order!r}")
         if not cutoff > 0:
             raise ValueError(f"cutoff must be positive, got {cutoff}")
         r3 = cutoff if cutoff_3body is None else float(cutoff_3body)
         if not r3 > 0:
             raise ValueError(f"cutoff_3body must be positive, got {cutoff_3body}")
-        uses3 = order in (3, "many")
+        uses3 = order in (3, *MANY_BODY_ORDERS)
         if not 0 < cutoff_width <= min(cutoff, r3 if uses3 else cutoff):
             raise ValueError(f"cutoff_width must be in (0, min(r_c, r_c3)], got {cutoff_width}")
         for name, v in (("length_scale_2", length_scale_2), ("sigma_2", sigma_2),
@@ -253,6 +256,8 @@ class NBodyGP:
         if self.order == 3:
             return ["length_scale_2", "sigma_2", "length_scale_3", "sigma_3", "sigma_energy",
                     "sigma_force"]
+        if self.order == 5:
+            return ["length_scale_3", "sigma_many", "sigma_energy", "sigma_force"]
         return ["length_scale_3", "length_scale_many", "sigma_many", "sigma_energy", "sigma_force"]
 
     def log_hyperparameters(self) -> np.ndarray:
@@ -343,7 +348,7 @@ class NBodyGP:
         obs.n_E = len(obs.energy_frames)
         obs.n_F = len(obs.force_index)
         obs.n_atoms_E = np.array([envs[c].n_atoms for c in obs.energy_frames], dtype=float)
-        if self.order == "many":
+        if self.order in MANY_BODY_ORDERS:
             return obs
         e_row = {int(c): k for k, c in enumerate(obs.energy_frames)}
         parts = {"pairsE": [], "pairsF": [], "tripE": [], "tripF": []}
@@ -535,12 +540,14 @@ class NBodyGP:
         return torch.cat([e * e, f * f])
 
     # ------------------------------------------------------------------ many-body kernel
-    # The many-body local kernel k(ρ_i, ρ_j) = exp(-(k₃(ρ_i,ρ_i) + k₃(ρ_j,ρ_j) - 2k₃(ρ_i,ρ_j))/2ℓ²)
-    # (eq. 5.31) of a total energy E = Σ_i ε_i gives Cov(E_A, E_B) = S = Σ_{i∈A, j∈B} e_ij with
-    # e_ij = exp(u_ij), u_ij = (2 k_ij - n_i - m_j)/2ℓ², k_ij = k₃(ρ_i, ρ_j), n_i = k₃(ρ_i, ρ_i),
-    # m_j = k₃(ρ_j, ρ_j). With D_x = -∂/∂x (a force or virial component) the chain rule gives
-    #   D_x S     = Σ e_ij P_x,ij,          P_x,ij = (D_x k_ij - ½ D_x n_i)/ℓ²
-    #   D_x D_y S = Σ e_ij (P_x,ij P_y,ij + D_x D_y k_ij/ℓ²)
+    # A local kernel h(u_ij) of the 3-body kernel of two environments, summed over the
+    # environments of a total energy E = Σ_i ε_i, gives Cov(E_A, E_B) = S = Σ_{i∈A, j∈B} h(u_ij)
+    # with k_ij = k₃(ρ_i, ρ_j), n_i = k₃(ρ_i, ρ_i), m_j = k₃(ρ_j, ρ_j) and
+    #   eq. 5.31 (order "many"): h = exp, u_ij = (2 k_ij - n_i - m_j)/2ℓ²
+    #   eq. 5.30 (order 5):      h(u) = u², u_ij = k_ij
+    # With D_x = -∂/∂x (a force or virial component) the chain rule gives
+    #   D_x S     = Σ h'(u_ij) D_x u_ij          (D_x u_ij = (D_x k_ij - ½ D_x n_i)/ℓ², or D_x k_ij)
+    #   D_x D_y S = Σ h''(u_ij) D_x u_ij D_y u_ij + h'(u_ij) D_x D_y u_ij
     # so every entry follows from 3-body covariances of the local energies of single
     # environments and of their derivatives: one 3-body kernel (NBodyGP._kernel3, grid or direct
     # sums) between environment-resolved functionals (:meth:`_local_functionals`), then a cheap
@@ -611,10 +618,11 @@ class NBodyGP:
     def _many_combine(self, LX, LY, K, selfX, selfY, rowsX, rowsY, shape, ellm, symmetric):
         """Unit many-body kernel (shape) between observations with rows rowsX, rowsY (see
         :meth:`_many_rows`) from the 3-body kernel K between the functionals of LX and LY and
-        their self terms (the formulas above); `symmetric`: X with itself (upper frame pairs,
-        mirrored). K and ellm may carry forward-mode tangents."""
+        their self terms (the formulas above; None for order 5); `symmetric`: X with itself
+        (upper frame pairs, mirrored). K and ellm may carry forward-mode tangents."""
         dev = self.device
-        il2 = 1.0 / (ellm * ellm)
+        power = self.order == 5
+        il2 = 1.0 if power else 1.0 / (ellm * ellm)
         rows, cols, vals = [], [], []
 
         def put(r, c, v):
@@ -629,35 +637,42 @@ class NBodyGP:
             return torch.tensor([r for _, r in F[c]], device=dev)[:, None] + three
 
         for a in LX.frames:
-            eA, (nA, DnA) = LX.e_rows[a], selfX[a]
+            eA = LX.e_rows[a]
+            nA, DnA = (0.0, 0.0) if power else selfX[a]
             rA = rowsX["E"].get(a)
             fa = a in rowsX["F"]
             oA = frow(rowsX["F"], a) if fa else None
             for b in LY.frames:
                 if symmetric and b < a:
                     continue
-                eB, (nB, DnB) = LY.e_rows[b], selfY[b]
+                eB = LY.e_rows[b]
+                nB, DnB = (0.0, 0.0) if power else selfY[b]
                 rB = rowsY["E"].get(b)
                 fb = b in rowsY["F"]
                 oB = frow(rowsY["F"], b) if fb else None
-                e = torch.exp((2.0 * K[eA[:, None], eB[None, :]] - nA[:, None] - nB[None, :]) * (0.5 * il2))
+                k = K[eA[:, None], eB[None, :]]
+                if power:
+                    h0, h1, h2 = k * k, 2.0 * k, torch.full_like(k, 2.0)
+                else:
+                    h0 = h1 = h2 = torch.exp((2.0 * k - nA[:, None] - nB[None, :]) * (0.5 * il2))
                 blocks = []
                 if rA is not None and rB is not None:
-                    blocks.append((torch.tensor(rA, device=dev), torch.tensor(rB, device=dev), e.sum()))
-                if fa:
-                    PA = (K[LX.f_rows[a][..., None], eB] - 0.5 * DnA[..., None]) * il2   # (i, x, α, j)
-                if fb:
-                    PB = (K[eA[:, None, None, None], LY.f_rows[b][None]] - 0.5 * DnB[None]) * il2
+                    blocks.append((torch.tensor(rA, device=dev), torch.tensor(rB, device=dev), h0.sum()))
+                if fa:                                                            # (i, x, α, j)
+                    DuA = (K[LX.f_rows[a][..., None], eB] - 0.5 * (0.0 if power else DnA[..., None])) * il2
+                if fb:                                                            # (i, j, y, β)
+                    DuB = (K[eA[:, None, None, None], LY.f_rows[b][None]]
+                           - 0.5 * (0.0 if power else DnB[None])) * il2
                 if fa and rB is not None:
                     blocks.append((oA, torch.tensor(rB, device=dev).expand(oA.shape),
-                                   torch.einsum("ij,ixaj->xa", e, PA)))
+                                   torch.einsum("ij,ixaj->xa", h1, DuA)))
                 if fb and rA is not None:
                     blocks.append((torch.tensor(rA, device=dev).expand(oB.shape), oB,
-                                   torch.einsum("ij,ijyb->yb", e, PB)))
+                                   torch.einsum("ij,ijyb->yb", h1, DuB)))
                 if fa and fb:
                     kFF = K[LX.f_rows[a][:, :, :, None, None, None], LY.f_rows[b][None, None, None]]
-                    v = (torch.einsum("ij,ixaj,ijyb->xayb", e, PA, PB)
-                         + torch.einsum("ij,ixajyb->xayb", e, kFF) * il2)
+                    v = (torch.einsum("ij,ixaj,ijyb->xayb", h2, DuA, DuB)
+                         + torch.einsum("ij,ixajyb->xayb", h1, kFF) * il2)
                     blocks.append((oA[:, :, None, None].expand(v.shape), oB[None, None].expand(v.shape), v))
                 for r, c, v in blocks:
                     put(r, c, v)
@@ -670,12 +685,13 @@ class NBodyGP:
 
     def _many_kernel(self, X: _Observations, Y: _Observations | None, ell3: float, ellm: float,
                      tangents: bool = False):
-        """Unit many-body kernel (eq. 5.31, σ = 1) between the observations of X and Y (Y None: X
-        with itself; Y is not None: Y must be the training observations) at ℓ₃, ℓ.
+        """Unit many-body kernel (eq. 5.31, or eq. 5.30 for order 5; σ = 1) between the
+        observations of X and Y (Y None: X with itself; Y is not None: Y must be the training
+        observations) at ℓ₃, ℓ (ℓ unused by order 5).
 
         Returns:
             K (X.n_rows, Y.n_rows); with `tangents` (X with itself only) (K, [dK/dlog ℓ₃,
-            dK/dlog ℓ]) by forward-mode AD.
+            dK/dlog ℓ]) by forward-mode AD (order 5: (K, [dK/dlog ℓ₃])).
         """
         dev = self.device
         sym = Y is None
@@ -687,7 +703,7 @@ class NBodyGP:
             K, dK = self._unit_kernel("k3", LX.obs, None, ell3, tangents=tangents)
 
             def combine(K, em):
-                S = self._local_self(LX, K)
+                S = None if self.order == 5 else self._local_self(LX, K)
                 return self._many_combine(LX, LX, K, S, S, rowsX, rowsX, shape, em, True)
 
             if not tangents:
@@ -695,24 +711,29 @@ class NBodyGP:
             with torch.no_grad(), fwAD.dual_level():      # d/dlog ℓ₃ through K's tangent
                 M, d3 = fwAD.unpack_dual(combine(fwAD.make_dual(K, dK), em))
                 M, d3 = M.clone(), d3.clone()
+            if self.order == 5:
+                return M, [d3]
             with torch.no_grad(), fwAD.dual_level():      # d ℓ / d log ℓ = ℓ
                 dm = fwAD.unpack_dual(combine(K, fwAD.make_dual(em, em.clone())))[1].clone()
             return M, [d3, dm]
         LY, selfY = self._many_train_local(ell3)
         with torch.no_grad():
             K = self._unit_kernel("k3", LX.obs, LY.obs, ell3)[0]
-            selfX = self._local_self(LX, self._unit_kernel("k3", LX.obs, LX.energies, ell3)[0])
+            selfX = (None if self.order == 5 else
+                     self._local_self(LX, self._unit_kernel("k3", LX.obs, LX.energies, ell3)[0]))
             return self._many_combine(LX, LY, K, selfX, selfY, rowsX, self._many_rows(self._train),
                                       shape, em, False)
 
     def _many_train_local(self, ell3: float):
-        """(functionals, self terms) of the training observations at ℓ₃ (cached)."""
+        """(functionals, self terms (None for order 5)) of the training observations at ℓ₃
+        (cached)."""
         key = ("many-local", ell3)
         if key not in self._cache:
             self._cache = {k: x for k, x in self._cache.items() if k[0] != "many-local"}
             L = self._local_functionals(self._train.envs, self._many_coords(self._train))
-            K = self._unit_kernel("k3", L.obs, L.energies, ell3)[0]
-            self._cache[key] = (L, self._local_self(L, K))
+            selfL = (None if self.order == 5 else
+                     self._local_self(L, self._unit_kernel("k3", L.obs, L.energies, ell3)[0]))
+            self._cache[key] = (L, selfL)
         return self._cache[key]
 
     @staticmethod
@@ -733,7 +754,9 @@ class NBodyGP:
         v = {n: torch.exp(log_hp[k]) for k, n in enumerate(names)}
         need = log_hp.requires_grad
         K = 0.0
-        if self.order == "many":
+        if self.order == 5:
+            terms = [("many", ("length_scale_3",), "sigma_many")]
+        elif self.order == "many":
             terms = [("many", ("length_scale_3", "length_scale_many"), "sigma_many")]
         else:
             terms = [("k2", ("length_scale_2",), "sigma_2")]
@@ -745,7 +768,8 @@ class NBodyGP:
             if ckey not in self._cache:
                 self._cache = {k: x for k, x in self._cache.items() if k[0] != name}
                 if name == "many":
-                    built = self._many_kernel(obs, None, *ells, tangents=need)
+                    built = self._many_kernel(obs, None, ells[0], self.length_scale_many
+                                              if len(ells) == 1 else ells[1], tangents=need)
                     self._cache[ckey] = built if need else (built, None)
                 else:
                     Kt, dK = self._unit_kernel(name, obs, None, ells[0], tangents=need)
@@ -839,7 +863,7 @@ class NBodyGP:
                 rmin = min(rmin, float(np.linalg.norm(d, axis=1).min()))
         self.r_min = None if not np.isfinite(rmin) else rmin
         self._pair_codes = sorted({int(nk.pair_code(a, b, n)) for a in range(n) for b in range(a, n)})
-        if self.order in (3, "many"):
+        if self.order in (3, *MANY_BODY_ORDERS):
             present = set()
             fmin = np.inf
             for e in envs:
@@ -887,7 +911,7 @@ class NBodyGP:
         aF = self._alpha[obs.n_E:].reshape(obs.n_F, 3)
         dev = self.device
         self._means = {}
-        if self.order == "many":
+        if self.order in MANY_BODY_ORDERS:
             return
         with torch.no_grad():
             mean2 = self._contract(obs.pairsE, aE, obs.pairsF, aF)
@@ -1060,13 +1084,14 @@ class NBodyGP:
         return self
 
     @_numerics
-    def select_order(self, configs: Configurations, orders=(2, 3, "many"), **optimize_kwargs) -> dict:
+    def select_order(self, configs: Configurations, orders=(2, 3, 5, "many"),
+                     **optimize_kwargs) -> dict:
         """Bayesian order selection (eq. 5.33): optimise the hyperparameters of a copy of this
         model for each order and report the maximised log marginal likelihoods.
 
         Args:
-            configs: frames (a small subset: the kernel of order "many" costs the square of
-                all the environments of the frames with observations).
+            configs: frames (a small subset: the kernels of orders 5 and "many" cost the
+                square of all the environments of the frames with observations).
             orders: orders to compare.
             optimize_kwargs: passed to :meth:`optimize` (n_envs, seed, n_frames, fix_noise, ...).
         Returns:
@@ -1091,7 +1116,7 @@ class NBodyGP:
                   sigma_energy=self.sigma_energy, sigma_force=self.sigma_force,
                   kernel_method=self.kernel_method, device=str(self.device), progress=self.progress)
         kw.update(changes)
-        if kw["order"] in (3, "many") and kw["cutoff_3body"] is None:
+        if kw["order"] in (3, *MANY_BODY_ORDERS) and kw["cutoff_3body"] is None:
             kw["cutoff_3body"] = kw["cutoff"]
         return NBodyGP(**kw)
 
@@ -1154,11 +1179,11 @@ class NBodyGP:
         Returns:
             array with the shape of r.
         Raises:
-            SpeciesError: unknown element; ValueError: order "many" (no g₂).
+            SpeciesError: unknown element; ValueError: order 5 or "many" (no g₂).
         """
         self._check_trained()
-        if self.order == "many":
-            raise ValueError("an order-'many' model has no pair function g2")
+        if self.order in MANY_BODY_ORDERS:
+            raise ValueError(f"an order-{self.order!r} model has no pair function g2")
         ia, ib = self._species_index(a), self._species_index(b)
         r = np.asarray(r, dtype=np.float64)
         rt = torch.as_tensor(r.reshape(-1), device=self.device)
@@ -1177,7 +1202,7 @@ class NBodyGP:
         Returns:
             array of the broadcast shape.
         Raises:
-            SpeciesError: unknown element; ValueError: order 2 or "many" (no g₃).
+            SpeciesError: unknown element; ValueError: order 2, 5 or "many" (no g₃).
         """
         self._check_trained()
         if self.order != 3:
@@ -1205,7 +1230,7 @@ class NBodyGP:
         Returns:
             (n₁, n₂, n₃) array, energy unit.
         Raises:
-            SpeciesError: unknown element; ValueError: order 2 or "many".
+            SpeciesError: unknown element; ValueError: order 2, 5 or "many".
         """
         self._check_trained()
         if self.order != 3:
@@ -1283,7 +1308,7 @@ class NBodyGP:
         return float(E.detach()), -gR.detach().cpu().numpy(), virial
 
     def _predict_many(self, env):
-        """Energy, forces (N, 3) and virial (6,) of one frame (order "many") as posterior means
+        """Energy, forces (N, 3) and virial (6,) of one frame (orders 5, "many") as posterior means
         of the observations E, -∂E/∂R and -∂E/∂ε: e₀ + σ² k*ᵀα with the cross kernel rows of
         those observations (exact derivatives of the mean energy). For a frame without periodic
         images the virial is Σ_a R_a ⊗ F_a, the same derivative at less cost."""
@@ -1331,7 +1356,7 @@ class NBodyGP:
             envs.append(FrameEnvironment(at, self.species, self.cutoff, self.cutoff_3body))
         E_out, F_out, W_out, S_out = [], [], [], []
         for env in tqdm(envs, desc="predict", leave=False, disable=not self.progress or len(envs) < 10):
-            E, F, virial = (self._predict_many(env) if self.order == "many"
+            E, F, virial = (self._predict_many(env) if self.order in MANY_BODY_ORDERS
                             else self._predict_frame(env, direct))
             E_out.append(E)
             F_out.append(F)
@@ -1348,7 +1373,7 @@ class NBodyGP:
 
     def _cross_kernel(self, T: _Observations):
         """Noise-free prior covariance between the observations of T and the training ones."""
-        if self.order == "many":
+        if self.order in MANY_BODY_ORDERS:
             return self.sigma_many ** 2 * self._many_kernel(T, self._train, self.length_scale_3,
                                                             self.length_scale_many)
         u = self._unit_kernels(T, self._train)
@@ -1359,7 +1384,7 @@ class NBodyGP:
 
     def _prior_energy_cov(self, T: _Observations):
         """Prior covariance of the energies of T among themselves (n, n)."""
-        if self.order == "many":
+        if self.order in MANY_BODY_ORDERS:
             return self.sigma_many ** 2 * self._many_kernel(T, None, self.length_scale_3,
                                                             self.length_scale_many)
         u = self._unit_kernels(T, None)
