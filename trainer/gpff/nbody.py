@@ -638,7 +638,7 @@ class NBodyGP:
 
         for a in LX.frames:
             eA = LX.e_rows[a]
-            nA, DnA = (0.0, 0.0) if power else selfX[a]
+            nA, DnA = (None, None) if power else selfX[a]
             rA = rowsX["E"].get(a)
             fa = a in rowsX["F"]
             oA = frow(rowsX["F"], a) if fa else None
@@ -646,7 +646,7 @@ class NBodyGP:
                 if symmetric and b < a:
                     continue
                 eB = LY.e_rows[b]
-                nB, DnB = (0.0, 0.0) if power else selfY[b]
+                nB, DnB = (None, None) if power else selfY[b]
                 rB = rowsY["E"].get(b)
                 fb = b in rowsY["F"]
                 oB = frow(rowsY["F"], b) if fb else None
@@ -659,10 +659,13 @@ class NBodyGP:
                 if rA is not None and rB is not None:
                     blocks.append((torch.tensor(rA, device=dev), torch.tensor(rB, device=dev), h0.sum()))
                 if fa:                                                            # (i, x, α, j)
-                    DuA = (K[LX.f_rows[a][..., None], eB] - 0.5 * (0.0 if power else DnA[..., None])) * il2
+                    DuA = K[LX.f_rows[a][..., None], eB]
+                    if not power:
+                        DuA = (DuA - 0.5 * DnA[..., None]) * il2
                 if fb:                                                            # (i, j, y, β)
-                    DuB = (K[eA[:, None, None, None], LY.f_rows[b][None]]
-                           - 0.5 * (0.0 if power else DnB[None])) * il2
+                    DuB = K[eA[:, None, None, None], LY.f_rows[b][None]]
+                    if not power:
+                        DuB = (DuB - 0.5 * DnB[None]) * il2
                 if fa and rB is not None:
                     blocks.append((oA, torch.tensor(rB, device=dev).expand(oA.shape),
                                    torch.einsum("ij,ixaj->xa", h1, DuA)))
