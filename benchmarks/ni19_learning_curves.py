@@ -13,10 +13,11 @@ cluster: r_c = 8 Å exceeds the largest interatomic distance (7.04 Å), so f_c =
 
 For each order and training size N (force environments = atoms with all 3 components), the
 hyperparameters (ℓ, signal σ, and the force noise σ_F unless ``--sigma-force`` fixes it)
-maximise the log marginal likelihood (eq. 5.33, L-BFGS) on min(N, ``--n-optimize``) environments, the GP is fitted on N environments (drawn
-with the same seed), and the test error is the mean force-error
-norm ⟨|F_pred − F_DFT|⟩ over all atoms of the test frames (the chapter's metric). The maximised
-log marginal likelihood per environment is reported for the order selection of eq. 5.33.
+maximise the log marginal likelihood (eq. 5.33, L-BFGS) on min(N, ``--n-optimize``)
+environments, the GP is fitted on N environments (drawn with the same seed), and the test
+error is the mean force-error norm ⟨|F_pred − F_DFT|⟩ over all atoms of the test frames (the
+chapter's metric). The maximised log marginal likelihood per environment is reported for the
+order selection of eq. 5.33.
 Target of the issue: the 3-body model reaches ≤ 0.15 eV/Å.
 """
 

@@ -132,15 +132,21 @@ class _LocalFunctionals:
     """Environment-resolved 3-body functionals of some frames (the building blocks of the
     many-body kernel): `obs` holds one energy group per atomic environment i (its local 3-body
     energy Σ_t w_t g₃(q_t)) and one force group per (environment i, differentiated coordinate
-    triple x of its frame) (-∂/∂x of that local energy), as rows of a 3-body kernel.
-    `energies` is the energy part alone."""
+    triple x of its frame) (-∂/∂x of that local energy), as rows of a 3-body kernel."""
 
     def __init__(self):
         self.obs = _Observations()
-        self.energies = None
         self.frames = []           # frame indices
         self.e_rows = {}           # frame → (n_env,) kernel rows of the local energies
         self.f_rows = {}           # frame → (n_env, n_x, 3) kernel rows of their derivatives
+
+    @property
+    def energies(self) -> _Observations:
+        """The local energies of `obs` alone."""
+        E = _Observations()
+        E.n_E, E.tripE = self.obs.n_E, self.obs.tripE
+        E.tripF = _cat_terms([], 0, 3, 3, True, self.obs.tripE.q.device)
+        return E
 
 
 def _cat_terms(lst, n_groups, D, c, with_B, dev) -> nk.Terms:
@@ -581,11 +587,13 @@ class NBodyGP:
                     t, atom, J = triplet_jacobian_terms(env, mask, *u)
                     A, B = self._derivative_factors(w, dw, t, J)
                     Fs.append(nk.Terms(q[t], code[t], nF + ti[t] * nx + local[atom], 0, A, B))
-                for s in (0, 1):
-                    if n + s in xs:
-                        t = torch.arange(len(q), device=dev)
-                        A, B = self._derivative_factors(w, dw, t, triplet_strain_terms(q, *u)[:, s])
-                        Fs.append(nk.Terms(q, code, nF + ti * nx + local[n + s], 0, A, B))
+                if n in xs or n + 1 in xs:
+                    t = torch.arange(len(q), device=dev)
+                    J = triplet_strain_terms(q, *u)
+                    for s in (0, 1):
+                        if n + s in xs:
+                            A, B = self._derivative_factors(w, dw, t, J[:, s])
+                            Fs.append(nk.Terms(q, code, nF + ti * nx + local[n + s], 0, A, B))
             nE += n
             nF += n * nx
         three = torch.arange(3, device=dev)
@@ -593,9 +601,6 @@ class NBodyGP:
         L.obs.n_E, L.obs.n_F = nE, nF
         L.obs.tripE = _cat_terms(Es, nE, 3, 1, False, dev)
         L.obs.tripF = _cat_terms(Fs, nF, 3, 3, True, dev)
-        L.energies = _Observations()
-        L.energies.n_E, L.energies.tripE = nE, L.obs.tripE
-        L.energies.tripF = _cat_terms([], 0, 3, 3, True, dev)
         return L
 
     @staticmethod
@@ -608,10 +613,17 @@ class NBodyGP:
             out[c] = (K[e, e], 2.0 * K[L.f_rows[c], e[:, None, None]])
         return out
 
+    def _local_self_terms(self, L: _LocalFunctionals, ell3: float):
+        """:meth:`_local_self` of L at ℓ₃ from the 3-body kernel of L against its local energies
+        (None for order 5, which needs no self terms)."""
+        if self.order == 5:
+            return None
+        return self._local_self(L, self._unit_kernel("k3", L.obs, L.energies, ell3)[0])
+
     @staticmethod
-    def _many_coords(obs: _Observations) -> dict:
-        """frame → differentiated coordinates, in the order of the frame's force rows."""
-        rows = NBodyGP._many_rows(obs)
+    def _many_coords(rows: dict) -> dict:
+        """frame → differentiated coordinates, in the order of the frame's force rows (rows:
+        :meth:`_many_rows`)."""
         return {c: [atom for atom, _ in rows["F"].get(c, [])]
                 for c in sorted(set(rows["E"]) | set(rows["F"]))}
 
@@ -699,7 +711,7 @@ class NBodyGP:
         dev = self.device
         sym = Y is None
         rowsX = self._many_rows(X)
-        LX = self._local_functionals(X.envs, self._many_coords(X))
+        LX = self._local_functionals(X.envs, self._many_coords(rowsX))
         shape = (X.n_rows, X.n_rows if sym else Y.n_rows)
         em = torch.tensor(ellm, dtype=torch.float64, device=dev)
         if sym:
@@ -719,24 +731,21 @@ class NBodyGP:
             with torch.no_grad(), fwAD.dual_level():      # d ℓ / d log ℓ = ℓ
                 dm = fwAD.unpack_dual(combine(K, fwAD.make_dual(em, em.clone())))[1].clone()
             return M, [d3, dm]
-        LY, selfY = self._many_train_local(ell3)
+        LY, rowsY, selfY = self._many_train_local(ell3)
         with torch.no_grad():
             K = self._unit_kernel("k3", LX.obs, LY.obs, ell3)[0]
-            selfX = (None if self.order == 5 else
-                     self._local_self(LX, self._unit_kernel("k3", LX.obs, LX.energies, ell3)[0]))
-            return self._many_combine(LX, LY, K, selfX, selfY, rowsX, self._many_rows(self._train),
-                                      shape, em, False)
+            return self._many_combine(LX, LY, K, self._local_self_terms(LX, ell3), selfY, rowsX,
+                                      rowsY, shape, em, False)
 
     def _many_train_local(self, ell3: float):
-        """(functionals, self terms (None for order 5)) of the training observations at ℓ₃
-        (cached)."""
+        """(functionals, rows, self terms (None for order 5)) of the training observations at
+        ℓ₃ (cached)."""
         key = ("many-local", ell3)
         if key not in self._cache:
             self._cache = {k: x for k, x in self._cache.items() if k[0] != "many-local"}
-            L = self._local_functionals(self._train.envs, self._many_coords(self._train))
-            selfL = (None if self.order == 5 else
-                     self._local_self(L, self._unit_kernel("k3", L.obs, L.energies, ell3)[0]))
-            self._cache[key] = (L, selfL)
+            rows = self._many_rows(self._train)
+            L = self._local_functionals(self._train.envs, self._many_coords(rows))
+            self._cache[key] = (L, rows, self._local_self_terms(L, ell3))
         return self._cache[key]
 
     @staticmethod
