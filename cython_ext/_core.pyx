@@ -50,6 +50,8 @@ cdef extern from "mff.h" nogil:
         double cutoff()
         double cutoff_3body()
         double cutoff_width()
+        bint has_embedding()
+        double density_decay()
         double max_cutoff()
         const string &energy_unit()
         const vector[double] &energy_offsets()
@@ -346,6 +348,12 @@ cdef class MFFModel:
     def cutoff_width(self) -> float:
         """Transition width d of the cutoff function, Å."""
         return self._model.cutoff_width()
+
+    @property
+    def density_decay(self):
+        """β of the embedding density ρ_i = Σ_j f_c(r_ij) exp(-β r_ij), 1/Å; None for a model
+        without the embedding term."""
+        return self._model.density_decay() if self._model.has_embedding() else None
 
     @property
     def max_cutoff(self) -> float:

@@ -191,11 +191,24 @@ def sw_g3(c, j, k, r_cj, r_ck, r_jk):
             + 0.02 * w[j] * w[k] * np.exp(-r_jk))
 
 
+def fs_embedding(s, rho):
+    """Finnis-Sinclair-like embedding function F^s(ρ) (eV), F(0) = 0, per-species weights."""
+    w = {"Si": 1.0, "C": 0.6}[s]
+    rho = np.asarray(rho)
+    return -w * (np.sqrt(rho + 0.2) - np.sqrt(0.2)) + 0.08 * rho ** 2
+
+
+#: β (1/Å) and the table end ρ_max of the test models with an embedding term
+EMBEDDING_DECAY, EMBEDDING_RHO_MAX = 0.8, 4.0
+
+
 def make_mff(path, species=MFF_SPECIES, order=3, energy_unit="eV", cutoff=5.0,
-             cutoff_3body=4.0, cutoff_width=1.0, r_min=1.5, n_points=300, n_points_3body=12):
-    """Map lj_g2 (and sw_g3 for order 3) with gpff.mapping onto B-spline tables and save the
-    model to `path` (docs/mff.md). Returns the MappedForceField (its .predict is the Python
-    reference evaluation). Energy offsets -1.5, -2.5, ... per species."""
+             cutoff_3body=4.0, cutoff_width=1.0, r_min=1.5, n_points=300, n_points_3body=12,
+             embedding=False):
+    """Map lj_g2 (and sw_g3 for order 3, fs_embedding with `embedding`) with gpff.mapping onto
+    B-spline tables and save the model to `path` (docs/mff.md). Returns the MappedForceField
+    (its .predict is the Python reference evaluation). Energy offsets -1.5, -2.5, ... per
+    species."""
     from gpff.mapping import map_functions
 
     model = map_functions(list(species), lj_g2, sw_g3 if order == 3 else None, cutoff=cutoff,
@@ -203,7 +216,9 @@ def make_mff(path, species=MFF_SPECIES, order=3, energy_unit="eV", cutoff=5.0,
                           cutoff_width=cutoff_width, r_min=r_min,
                           energy_offsets=[-1.5 - k for k in range(len(species))],
                           energy_unit=energy_unit, n_points=n_points,
-                          n_points_3body=n_points_3body)
+                          n_points_3body=n_points_3body,
+                          embedding=((fs_embedding, EMBEDDING_DECAY, EMBEDDING_RHO_MAX)
+                                     if embedding else None))
     model.save(str(path))
     return model
 
@@ -271,6 +286,22 @@ def mff3_path(tmp_path_factory):
     """Si/C 2-body + 3-body mapped model (eV; r_c 5 Å, r_c3 4 Å, d 1 Å)."""
     path = tmp_path_factory.mktemp("mff") / "sic3.gpff"
     make_mff(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def mff3e_path(tmp_path_factory):
+    """The order-3 model with the embedding term fs_embedding (β = 0.8 / Å)."""
+    path = tmp_path_factory.mktemp("mff") / "sic3e.gpff"
+    make_mff(path, embedding=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def mff2e_path(tmp_path_factory):
+    """The order-2 model with the embedding term fs_embedding (β = 0.8 / Å)."""
+    path = tmp_path_factory.mktemp("mff") / "sic2e.gpff"
+    make_mff(path, order=2, embedding=True)
     return str(path)
 
 

@@ -166,6 +166,18 @@ def test_train_nbody_test_info_export(tmp_path, capsys):
     assert summary["fixed_hyperparameters"] == ["sigma_force"]
     assert summary["hyperparameters"]["sigma_force"] == pytest.approx(0.2)
     assert summary["hyperparameters"]["sigma_energy"] != pytest.approx(0.005)
+    # the embedding term: optimised ℓ_ρ, σ_ρ; mapped onto a 1-D table the core evaluates
+    assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", "--embedding",
+                 "--density-decay", "1.5", *fast]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    hp = summary["hyperparameters"]
+    assert hp["length_scale_embedding"] != pytest.approx(0.1) and hp["sigma_embedding"] > 0
+    assert summary["mapping_error"]["embedding"]["Si"]["max_gradient_error"] < 1e-4
+    assert summary["mapping_error"]["force_mae_vs_exact"] < 1e-4
+    assert main(["info", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["embedding"]["density_decay"] == 1.5
+    assert main(["test", str(model), str(data), "--json"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["force_mae"] < 1.0
     water = tmp_path / "h2o.extxyz"
     h2o = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     h2o.calc = SinglePointCalculator(h2o, energy=0.0, forces=np.zeros((3, 3)))

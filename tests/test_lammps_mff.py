@@ -1,8 +1,9 @@
 """LAMMPS `pair_style mff` (gpff plugin) against the C++ core (gpff._core.MFFModel).
 
 Models are mapped by gpff.mapping from the analytic Lennard-Jones g2 and Stillinger-Weber-like
-g3 of tests/conftest.py (Si and C; an order-2 model runs on a half neighbour list, an order-3
-model on a full list). Configurations: a periodic 8-atom Si/C cell (cell < 2 r_c), a triclinic
+g3 of tests/conftest.py, with or without the Finnis-Sinclair-like embedding function (Si and C;
+an order-2 model runs on a half neighbour list, an order-3 model or one with the embedding term
+on a full list). Configurations: a periodic 8-atom Si/C cell (cell < 2 r_c), a triclinic
 2-atom cell much smaller than the cutoffs (many images, images of an atom itself), and a
 non-periodic cluster. Requires the package installed non-editable (`pip install .`).
 """
@@ -42,8 +43,9 @@ def mff_kcal_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def paths(mff2_path, mff3_path):
-    return {2: mff2_path, 3: mff3_path}
+def paths(mff2_path, mff3_path, mff2e_path, mff3e_path):
+    """Model files by order; "2e", "3e": with the embedding term (a full neighbour list)."""
+    return {2: mff2_path, 3: mff3_path, "2e": mff2e_path, "3e": mff3e_path}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -138,7 +140,7 @@ def test_plugin_registers_mff():
     lmp.close()
 
 
-@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("order", [2, 3, "2e", "3e"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_run0_matches_core(paths, order, config):
     """energy, forces, per-atom energy, global virial (compute pressure NULL virial) and
@@ -182,7 +184,7 @@ def test_without_atom_ids(paths):
     to pick one); energy and forces are the same."""
     from gpff._core import MFFModel
     atoms = si_cell()
-    for order in (2, 3):
+    for order in (2, 3, "3e"):
         core = MFFModel(paths[order])
         lines = ["units metal", "atom_style atomic", "atom_modify id no",
                  "region box block 0 5.43 0 5.43 0 5.43", "create_box 2 box",
@@ -204,7 +206,7 @@ def test_without_atom_ids(paths):
         assert_close(fl, f[order_])
 
 
-@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("order", [2, 3, "2e"])
 def test_null_types_with_hybrid_overlay(paths, order):
     """Type 3 (Ar) mapped to NULL under hybrid/overlay: Ar atoms neither get nor exert mff
     forces; the rest equals the core on the configuration without them."""
@@ -376,7 +378,7 @@ def _run_lmp(tmp_path, model, atoms, nprocs, tag):
     return float(values[0]), np.array([float(v) for v in values[1:]]), f
 
 
-@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("order", [2, 3, "2e", "3e"])
 def test_mpi_two_ranks_equal_one(paths, tmp_path, order):
     """`mpirun -np 2` (domain decomposition: ghost atoms, reverse-communicated forces, pairs
     split over ranks) gives the numbers of one rank, and the core's."""

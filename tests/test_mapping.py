@@ -31,6 +31,25 @@ def model():
                          r_min=1.7, energy_offsets=[-1.5, -2.5], map_error=1e-3)
 
 
+def fs(s, rho):
+    """A Finnis-Sinclair-like embedding function F^s(ρ), F(0) = 0."""
+    w = {"Si": 0.5, "C": 0.3}[s]
+    return -w * (np.sqrt(rho + 0.1) - np.sqrt(0.1)) + 0.05 * rho ** 2
+
+
+@pytest.fixture(scope="module")
+def model_emb():
+    """The model of `model` with an embedding term F^s(ρ_i), ρ_i = Σ_j f_c(r_ij) exp(-0.9 r_ij)."""
+    return map_functions(["Si", "C"], lj, sw3, cutoff=4.5, cutoff_3body=3.4, cutoff_width=1.0,
+                         r_min=1.7, energy_offsets=[-1.5, -2.5], map_error=1e-3,
+                         embedding=(fs, 0.9, 3.0))
+
+
+@pytest.fixture(params=["plain", "embedding"])
+def either(request, model, model_emb):
+    return model if request.param == "plain" else model_emb
+
+
 def configurations():
     si = bulk("Si", "diamond", a=5.43, cubic=True)
     si.rattle(0.08, seed=3)
@@ -79,7 +98,10 @@ def test_cutoff_function_is_smooth_and_zero_beyond():
     np.testing.assert_allclose(df[1:-1], np.gradient(f, r)[1:-1], atol=1e-3)  # kinks: O(h)
 
 
-def test_mapping_reaches_its_target(model):
+def test_mapping_reaches_its_target(model, model_emb):
+    assert set(model_emb.mapping_error["embedding"]) == {"Si", "C"}
+    for entry in model_emb.mapping_error["embedding"].values():
+        assert entry["max_gradient_error"] <= 1e-3 and entry["rho_max"] == 3.0
     rep = model.mapping_error
     assert set(rep["pair"]) == {"Si-Si", "Si-C", "C-C"}
     assert len(rep["triplet"]) == 6
@@ -88,7 +110,8 @@ def test_mapping_reaches_its_target(model):
 
 
 @pytest.mark.parametrize("k", range(3))
-def test_reference_forces_and_virial_are_energy_derivatives(model, k):
+def test_reference_forces_and_virial_are_energy_derivatives(either, k):
+    model = either
     atoms = configurations()[k]
     res = model.predict(atoms)
     assert res["energies"].shape == (len(atoms),)
@@ -132,12 +155,15 @@ def test_species_the_model_lacks(model):
         model.predict(Atoms("SiO", positions=[[0, 0, 0], [1.6, 0, 0]]))
 
 
-def test_file_round_trip(model, tmp_path):
+def test_file_round_trip(either, tmp_path):
+    model = either
     path = tmp_path / "m.gpff"
     model.save(path)
     back = modelfile.load(path)
     atoms = configurations()[0]
     assert back.predict(atoms)["energy"] == model.predict(atoms)["energy"]
+    assert back.density_decay == model.density_decay
+    assert set(back.embedding_tables) == set(model.embedding_tables)
     assert back.mapping_error == model.mapping_error
     assert modelfile.model_kind(path) == "mff"
 
@@ -164,8 +190,16 @@ def _rewrite(src, dst, edit_meta=None, edit_tensors=None):
     (lambda m: m["energy_offsets"].pop(), None, "energy_offsets"),
     (None, lambda t: t.__setitem__("pair_C_C", t["pair_C_C"][:-1].copy()), "shape"),
     (None, lambda t: t["triplet_Si_Si_Si"].__setitem__((0, 0, 0), np.nan), "NaN"),
+    (lambda m: m["embedding"]["tables"].pop(), None, "do not cover every species"),
+    (lambda m: m["embedding"].pop("tables"), None, "list 'tables'"),
+    (lambda m: m["embedding"].__setitem__("density_decay", -1), None, "density_decay"),
+    (lambda m: m["embedding"]["tables"][0].__setitem__("species", ["Xx"]), None, "unknown species"),
+    (lambda m: m["embedding"]["tables"].append(m["embedding"]["tables"][0]), None, "second table"),
+    (None, lambda t: t.__setitem__("embedding_C", t["embedding_C"][:-1].copy()), "shape"),
+    (None, lambda t: t["embedding_Si"].__setitem__(0, np.inf), "NaN or inf"),
 ])
-def test_bad_model_files_are_refused(model, tmp_path, edit_meta, edit_tensors, message):
+def test_bad_model_files_are_refused(model_emb, tmp_path, edit_meta, edit_tensors, message):
+    model = model_emb
     model.save(tmp_path / "good.gpff")
     _rewrite(tmp_path / "good.gpff", tmp_path / "bad.gpff", edit_meta, edit_tensors)
     with pytest.raises(ModelFileError, match=message):

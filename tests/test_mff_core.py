@@ -34,14 +34,15 @@ CONFIGS = MFF_CONFIGS
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """{order: (core, python reference)} for the Si/C test models of conftest."""
+    """{order: (core, python reference)} for the Si/C test models of conftest; orders "2e", "3e"
+    have the embedding term as well."""
     from gpff.modelfile import load
 
     d = tmp_path_factory.mktemp("mffcore")
     out = {}
-    for order in (2, 3):
+    for order in (2, 3, "2e", "3e"):
         path = d / f"sic{order}.gpff"
-        make_mff(path, order=order)
+        make_mff(path, order=int(str(order)[0]), embedding=str(order).endswith("e"))
         out[order] = (_core.MFFModel(str(path)), load(str(path)))
     return out
 
@@ -69,6 +70,8 @@ def test_properties(models, mff3_path, mff2_path):
     assert core3.n_coefficients > 0
     core2 = _core.MFFModel(mff2_path)
     assert core2.order == 2 and core2.cutoff_3body is None and core2.max_cutoff == 5.0
+    assert core2.density_decay is None and core3.density_decay is None
+    assert models["3e"][0].density_decay == 0.8 and models["2e"][0].max_cutoff == 5.0
     assert _core.MFFModel.kernel_isa() in ("avx2", "baseline")
 
 
@@ -79,7 +82,7 @@ def test_pathlike(mff2_path):
 
 # ---- the model ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("order", [2, 3, "2e", "3e"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_matches_python_reference(models, order, config):
     """energy, per-atom energies, forces and virial = MappedForceField.predict (<= 1e-9)."""
@@ -99,7 +102,7 @@ def test_matches_python_reference(models, order, config):
     assert np.abs(f.sum(axis=0)).max() <= 1e-11 * scale
 
 
-@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("order", [2, 3, "2e", "3e"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_finite_difference_forces(models, order, config):
     core, _ = models[order]
@@ -109,7 +112,7 @@ def test_finite_difference_forces(models, order, config):
     assert np.abs(fd - f).max() <= 1e-6 * np.abs(f).max()
 
 
-@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("order", [2, 3, "2e", "3e"])
 @pytest.mark.parametrize("config", ["si_cell", "tiny_cell"])
 def test_virial_is_strain_derivative(models, order, config):
     """W_ab = -dE/dε_ab under the homogeneous strain r -> r (1 + ε) of cell and atoms."""
@@ -163,9 +166,11 @@ def test_no_neighbours_gives_energy_offsets(models):
     assert e3 == 0.0 and en3.shape == (0,) and f3.shape == (0, 3) and not w3.any()
 
 
-def test_cutoff_is_smooth(models):
-    """Energy and force go continuously to zero at r_c: a dimer just inside r_c."""
-    core, _ = models[2]
+@pytest.mark.parametrize("order", [2, "2e"])
+def test_cutoff_is_smooth(models, order):
+    """Energy and force go continuously to zero at r_c: a dimer just inside r_c (with the
+    embedding term: F(ρ) → F(0) = 0 as the density ρ → 0)."""
+    core, _ = models[order]
     sp = np.array([0, 0], dtype=np.int32)
     for r in (4.999999, 5.0, 5.2):
         e, _, f, _, _ = core.compute(sp, [0, 1], [1, 0], [[r, 0, 0], [-r, 0, 0]])
@@ -416,6 +421,37 @@ BAD_FILES = [
 @pytest.mark.parametrize("change,phrase", BAD_FILES, ids=[str(k) for k in range(len(BAD_FILES))])
 def test_bad_model_file(mff3_path, tmp_path, change, phrase):
     check_error(rewrite_model_file(mff3_path, tmp_path / "bad.gpff", change), phrase)
+
+
+def _embedding(meta, s):
+    return next(t for t in meta["embedding"]["tables"] if t["species"] == [s])
+
+
+BAD_EMBEDDING_FILES = [
+    (lambda m, t: m.update(embedding=[]), "embedding must be an object"),
+    (lambda m, t: m["embedding"].pop("density_decay"), "embedding: 'density_decay' is missing"),
+    (lambda m, t: m["embedding"].update(density_decay=-0.5), "density_decay must be >= 0"),
+    (lambda m, t: m["embedding"].update(density_decay="1"), "'density_decay' must be a number"),
+    (lambda m, t: m["embedding"].pop("tables"), "embedding: 'tables' must be a list"),
+    (lambda m, t: m["embedding"]["tables"].pop(1), "no embedding table for species C"),
+    (lambda m, t: m["embedding"]["tables"].append(dict(m["embedding"]["tables"][0])),
+     "two embedding tables for Si"),
+    (lambda m, t: _embedding(m, "C").update(species=["N"]),
+     "species 'N' is not one of the model's species"),
+    (lambda m, t: _embedding(m, "C").update(n_points=2), "embedding table C: n_points 2 out of"),
+    (lambda m, t: _embedding(m, "C").pop("rho_min"), "embedding table C: 'rho_min' is missing"),
+    (lambda m, t: t.pop("embedding_C"), "embedding table C: missing tensor 'embedding_C'"),
+    (lambda m, t: t["embedding_Si"].__setitem__(2, np.nan),
+     "tensor 'embedding_Si' contains non-finite values"),
+    (lambda m, t: t.update(embedding_Si=t["embedding_Si"][:-1].copy()),
+     "tensor 'embedding_Si' has shape (301,), expected (302,)"),
+]
+
+
+@pytest.mark.parametrize("change,phrase", BAD_EMBEDDING_FILES,
+                         ids=[str(k) for k in range(len(BAD_EMBEDDING_FILES))])
+def test_bad_embedding_tables(mff3e_path, tmp_path, change, phrase):
+    check_error(rewrite_model_file(mff3e_path, tmp_path / "bad.gpff", change), phrase)
 
 
 def test_order_2_ignores_triplet_tables(mff3_path, tmp_path):

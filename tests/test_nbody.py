@@ -66,6 +66,18 @@ def sw3_energy(R, cell, pbc, numbers, rc3=RC3, lam=1.5, beta=0.4):
     return E
 
 
+def fs_energy(R, cell, pbc, numbers, rc=RC, beta=1.0):
+    """Finnis-Sinclair-like embedding energy Σ_i -√(ρ_i + 0.1) with the model's density
+    ρ_i = Σ_j f_c(r_ij) exp(-β r_ij), periodic images included."""
+    at = Atoms(numbers=numbers, positions=R.detach().numpy(), cell=cell, pbc=pbc)
+    i, j, S = neighbor_list("ijS", at, rc)
+    d = R[j] - R[i] + torch.as_tensor(S, dtype=torch.float64) @ torch.as_tensor(cell, dtype=torch.float64)
+    r = torch.linalg.norm(d, dim=1)
+    rho = torch.zeros(len(numbers), dtype=torch.float64).index_add(
+        0, torch.as_tensor(i), _fc(r, rc) * torch.exp(-beta * r))
+    return -torch.sqrt(rho + 0.1).sum()
+
+
 def label(frames, energy_fn):
     E, F = [], []
     for at in frames:
@@ -563,6 +575,93 @@ def test_learns_three_body_potential():
     scale = np.mean(np.abs(Fr))
     assert errs[3] < 0.01 * scale, (errs, scale)
     assert errs[2] > 0.2 * scale, (errs, scale)
+
+
+@pytest.fixture(scope="module")
+def model_emb(si_data):
+    """2+3-body GP with the embedding term on the LJ + SW-like Si cells."""
+    return NBodyGP(order=3, cutoff=RC, cutoff_3body=RC3, length_scale_2=0.4, sigma_2=0.5,
+                   length_scale_3=0.7, sigma_3=0.2, embedding=True, density_decay=1.0,
+                   length_scale_embedding=0.05, sigma_embedding=0.3, sigma_energy=5e-3,
+                   sigma_force=2e-2, progress=False).fit(si_data, n_envs=24, seed=3)
+
+
+def test_embedding_mean_matches_kernel_formula(model_emb):
+    """With the embedding term: energies and forces of the prediction path (autograd of the
+    ḡ₂, ḡ₃, F̄ representations; grid and direct sums) equal the GP mean K α at the training
+    observations; forces and stress are the derivatives of the energy."""
+    m = model_emb
+    assert m.hyperparameter_names[4:6] == ["length_scale_embedding", "sigma_embedding"]
+    obs = m._train
+    assert obs.embE.n_terms == sum(e.n_atoms for e in obs.envs) and obs.embF.n_terms > obs.n_F
+    K = m._covariance(None) - torch.diag(m._noise_diag(obs, m.sigma_energy, m.sigma_force))
+    mean = (K @ m._alpha).numpy()
+    frames = [Atoms(numbers=[14] * e.n_atoms, positions=e.positions, cell=e.cell, pbc=e.pbc)
+              for e in obs.envs]
+    e0 = np.array([m._e0[e.species].sum() for e in obs.envs])
+    for direct in (False, True):
+        p = m.predict(frames, direct=direct)
+        np.testing.assert_allclose(p["energy"], mean[:obs.n_E] + e0, rtol=0, atol=1e-9)
+        F = np.array([p["forces"][c][a] for c, a in obs.force_index]).reshape(-1)
+        np.testing.assert_allclose(F, mean[obs.n_E:], rtol=0, atol=1e-9)
+    # the embedding part is not negligible: without it the mean differs
+    Kemb = m.sigma_embedding ** 2 * m._unit_kernel("kemb", obs, None, m.length_scale_embedding)[0]
+    assert np.abs((Kemb @ m._alpha).numpy()[obs.n_E:]).max() > 1e-2
+    at = rattled_si(11, amp=0.1)
+    p = m.predict(at)
+    np.testing.assert_allclose(p["forces"][0], fd_forces(m, at), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(p["stress"][0], fd_stress(m, at), rtol=0, atol=1e-6)
+    # the embedding function queried beyond the grid's exact range (direct sums) is the same GP
+    rho = np.linspace(0.0, 3.0 * m.density_range[1], 7)
+    np.testing.assert_allclose(m.embedding_function("Si", rho), _direct_embedding(m, rho),
+                               rtol=0, atol=1e-9)
+
+
+def _direct_embedding(m, rho):
+    x = torch.as_tensor(rho, dtype=torch.float64)
+    code = torch.zeros(len(rho), dtype=torch.long)
+    with torch.no_grad():
+        return m._embedding_torch(x, code, direct=True).numpy()
+
+
+def test_embedding_log_marginal_likelihood_gradient(model_emb):
+    m = model_emb
+    th = torch.tensor(m.log_hyperparameters(), requires_grad=True)
+    m.log_marginal_likelihood(th).backward()
+    h = 1e-5
+    for k in (4, 5):                                   # ℓ_ρ, σ_ρ
+        e = np.zeros(len(th))
+        e[k] = h
+        fd = (float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() + e)))
+              - float(m.log_marginal_likelihood(torch.tensor(m.log_hyperparameters() - e)))) / (2 * h)
+        assert abs(float(th.grad[k]) - fd) < 1e-5 * max(1.0, abs(fd)), (m.hyperparameter_names[k], fd)
+
+
+def test_learns_embedding_potential():
+    """Pair (LJ) + Finnis-Sinclair-like embedding energy: the 2-body GP with the embedding term
+    learns it, the 2-body GP alone cannot; the mapped model reproduces the GP."""
+    from gpff.mapping import map_gp
+    fn = (lambda R, c, p, z: lj_energy(R, c, p, z, rc=RC) + 3.0 * fs_energy(R, c, p, z))
+    data = label(random_clusters(34, (4, 8), ["Ar"], seed=6, box=4.0, dmin=1.9), fn)
+    train, test = data.subset(np.arange(28)), data.subset(np.arange(28, 34))
+    Fr = np.concatenate(test.forces)
+    errs, models = {}, {}
+    for emb in (False, True):
+        m = NBodyGP(order=2, cutoff=RC, length_scale_2=0.26, sigma_2=6.0, embedding=emb,
+                    length_scale_embedding=0.1, sigma_embedding=1.0, sigma_energy=0.01,
+                    sigma_force=1e-3, progress=False).fit(train)
+        errs[emb] = np.mean(np.abs(np.concatenate(m.predict(test)["forces"]) - Fr))
+        models[emb] = m
+    scale = np.mean(np.abs(Fr))
+    assert errs[True] < 0.01 * scale, (errs, scale)
+    assert errs[False] > 0.05 * scale, (errs, scale)
+    mapped = map_gp(models[True], map_error=1e-5)
+    assert mapped.density_decay == 1.0 and set(mapped.embedding_tables) == {0}
+    exact = models[True].predict(test)
+    for k, at in enumerate(test.frames):
+        r = mapped.predict(at)
+        assert abs(r["energy"] - exact["energy"][k]) < 1e-6
+        assert np.abs(r["forces"] - exact["forces"][k]).max() < 1e-4
 
 
 def test_log_marginal_likelihood_gradient(model3_mix):

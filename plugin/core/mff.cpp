@@ -81,6 +81,7 @@ void MFFModel::Workspace::reserve(int n)
   if (capacity_ >= n) return;
   near_.resize(n);
   lanes_.resize(7 * static_cast<size_t>(n));
+  dphi_.resize(n);
   capacity_ = n;
 }
 
@@ -619,6 +620,19 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
     return species_[c] + "-" + species_[a] + "-" + species_[b];
   };
 
+  // the power form of a 1-D table (its coefficients already in coef_), appended to poly_
+  auto power_form = [&](const PairTable &t) {
+    const auto first = static_cast<int64_t>(poly_.size());
+    for (int m = 0; m + 1 < t.ax.n; ++m) {
+      const double *c = coef_.data() + t.offset + m;
+      poly_.push_back((c[0] + 4.0 * c[1] + c[2]) / 6.0);
+      poly_.push_back(0.5 * (c[2] - c[0]));
+      poly_.push_back(0.5 * (c[0] - 2.0 * c[1] + c[2]));
+      poly_.push_back((-c[0] + 3.0 * c[1] - 3.0 * c[2] + c[3]) / 6.0);
+    }
+    return first;
+  };
+
   // pair tables: one per unordered species pair a <= b
   const int S = n_species_;
   pair_.assign(static_cast<size_t>(S) * S, PairTable());
@@ -640,14 +654,7 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
       PairTable t;
       t.ax = axis_of(entry, "r_min", what);
       t.offset = coefficients(entry, {int64_t(t.ax.n) + 2}, what);
-      t.poly = static_cast<int64_t>(poly_.size());
-      for (int m = 0; m + 1 < t.ax.n; ++m) {
-        const double *c = coef_.data() + t.offset + m;
-        poly_.push_back((c[0] + 4.0 * c[1] + c[2]) / 6.0);
-        poly_.push_back(0.5 * (c[2] - c[0]));
-        poly_.push_back(0.5 * (c[0] - 2.0 * c[1] + c[2]));
-        poly_.push_back((-c[0] + 3.0 * c[1] - 3.0 * c[2] + c[3]) / 6.0);
-      }
+      t.poly = power_form(t);
       pair_[sp[0] * S + sp[1]] = t;
       pair_[sp[1] * S + sp[0]] = t;
     }
@@ -721,6 +728,35 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
     axis2_ = first2;
   }
 
+  // embedding tables (optional): one per species
+  if (auto it = doc.find("embedding"); it != doc.end()) {
+    if (!it->is_object()) throw mf.error("embedding must be an object");
+    decay_ = json_number(mf, *it, "density_decay", "embedding");
+    if (!(decay_ >= 0.0)) throw mf.error("embedding: density_decay must be >= 0");
+    auto tables = it->find("tables");
+    if (tables == it->end() || !tables->is_array())
+      throw mf.error("embedding: 'tables' must be a list");
+    embed_.assign(S, PairTable());
+    std::vector<char> seen(S, 0);
+    size_t count = 0;
+    for (const auto &entry : *tables) {
+      std::string what = "embedding.tables[" + std::to_string(count++) + "]";
+      if (!entry.is_object()) throw mf.error(what + " must be an object");
+      const int a = species_of(entry, 1, what)[0];
+      what = "embedding table " + species_[a];
+      if (seen[a]) throw mf.error("two embedding tables for " + species_[a]);
+      seen[a] = 1;
+      PairTable t;
+      t.ax = axis_of(entry, "rho_min", what);
+      t.offset = coefficients(entry, {int64_t(t.ax.n) + 2}, what);
+      t.poly = power_form(t);
+      embed_[a] = t;
+    }
+    for (int a = 0; a < S; ++a)
+      if (!seen[a]) throw mf.error("no embedding table for species " + species_[a]);
+    embedding_ = true;
+  }
+
   centre_fn_ = Impl::select().centre;
   pairs_fn_ = Impl::select().pairs;
 }
@@ -728,7 +764,37 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
 double MFFModel::compute_centre(int si, int n, const int *sj, const double *d, double *f,
                                 Workspace &ws, bool pair_terms) const
 {
-  return centre_fn_(*this, si, n, sj, d, f, ws, pair_terms);
+  const double e = centre_fn_(*this, si, n, sj, d, f, ws, pair_terms);
+  return embedding_ ? e + embedding_term(si, n, d, f, ws) : e;
+}
+
+double MFFModel::embedding_term(int si, int n, const double *d, double *f, Workspace &ws) const
+{
+  // rho_i and phi'(r)/r per neighbour, then F(rho_i); force on j: -F'(rho_i) phi'(r) d_j / r
+  double *dphi = ws.dphi_.data();
+  const double pi_d = pi_over_d_, inv_d = inv_d_;
+  double rho = 0.0;
+  for (int k = 0; k < n; ++k) {
+    const double *dk = d + 3 * k;
+    const double rsq = dk[0] * dk[0] + dk[1] * dk[1] + dk[2] * dk[2];
+    dphi[k] = 0.0;
+    if (!(rsq < rc2sq_)) continue;
+    const double r = std::sqrt(rsq);
+    double fc, dfc;
+    cutoff_fn(r, rc2_inner_, pi_d, inv_d, fc, dfc);
+    const double ex = std::exp(-decay_ * r);
+    rho += fc * ex;
+    dphi[k] = (dfc - decay_ * fc) * ex / r;
+  }
+  const PairTable &T = embed_[si];
+  double F, dF;
+  spline1(T.ax.x0, T.ax.inv_h, T.ax.m_max, poly_.data() + T.poly, rho, F, dF);
+  for (int k = 0; k < n; ++k) {
+    const double s = -dF * dphi[k];
+    if (s == 0.0) continue;
+    for (int x = 0; x < 3; ++x) f[3 * k + x] += s * d[3 * k + x];
+  }
+  return F;
 }
 
 void MFFModel::pair_terms(int si, int n, const int *sj, const double *rsq, double *phi,

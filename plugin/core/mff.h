@@ -11,6 +11,11 @@
  *
  *   f_c(r; r_c) = 1 (r <= r_c - d),  (1 + cos(pi (r - r_c + d)/d))/2 (r_c - d < r < r_c),  0 (r >= r_c)
  *
+ * and, in a model with an embedding term (EAM-like, many-body),
+ *
+ *         + F^{s_i}(rho_i),   rho_i = sum_{j in rho_i, r_ij < r_c} f_c(r_ij; r_c) exp(-beta r_ij)
+ *
+ * with F^s tabulated as a 1-D cubic B-spline on rho (the end cubics extrapolated outside),
  * with neighbours j, k of i taken over all periodic images (an image of i itself included).
  * The triplet table of (c; j, k) is stored for s_j <= s_k only; when s_j > s_k the core swaps
  * j and k (table axes 0 and 1). Forces are the analytic gradient of the interpolant and of f_c.
@@ -52,6 +57,10 @@ class MFFModel {
   double cutoff_3body() const { return order_ == 3 ? rc3_ : 0.0; }
   //! transition width d of f_c, Å
   double cutoff_width() const { return width_; }
+  //! whether the local energy has the embedding term F(rho_i)
+  bool has_embedding() const { return embedding_; }
+  //! beta of the density, 1/Å (0 without the embedding term)
+  double density_decay() const { return decay_; }
   //! max(r_c, r_c3): the neighbour cutoff an evaluation needs
   double max_cutoff() const { return rmax_; }
   //! "eV" or "kcal/mol"
@@ -73,6 +82,7 @@ class MFFModel {
 
    private:
     friend struct MFFModel::Impl;
+    friend class MFFModel;
     //! a neighbour within r_c3: what the triplet loop reads, packed together
     struct Near {
       double d[3];           // displacement from the centre
@@ -86,6 +96,7 @@ class MFFModel {
     int capacity_ = 0;
     std::vector<Near> near_;
     std::vector<double> lanes_;    // SIMD-lane scratch of pair_terms() and of the 3-body loop
+    std::vector<double> dphi_;     // per neighbour phi'(r)/r of the embedding density
   };
 
   /*! Local energy eps_i of one centre atom and the forces its terms exert on its neighbours.
@@ -98,11 +109,12 @@ class MFFModel {
    *             one atom and images of i itself are all ordinary neighbours.
    *  f:         (3n) output, overwritten: -d eps_i / d r_j, the force on each neighbour
    *             (energy/Å). The force on the centre is minus their sum.
-   *  Returns eps_i = e0(si) + 2-body + 3-body terms (energy_unit()).
+   *  Returns eps_i = e0(si) + 2-body + 3-body (+ embedding) terms (energy_unit()).
    *  The virial of the centre's terms is sum_j d_j (x) f_j.
    *
-   *  pair_terms: false leaves the 2-body terms out (e0 + 3-body only), for callers that
-   *             evaluate each pair once with pair_terms().
+   *  pair_terms: false leaves the 2-body terms out (e0 + 3-body + embedding), for callers
+   *             that evaluate each pair once with pair_terms(). The embedding term needs all
+   *             neighbours within cutoff().
    *
    *  Preconditions (not checked here, for speed; compute() checks them): species indices in
    *  range, finite displacements, no neighbour at distance 0 from the centre or from another
@@ -189,6 +201,12 @@ class MFFModel {
   std::vector<double> poly_;
   std::vector<PairTable> pair_;           // [a * S + b], both orders
   std::vector<TripletTable> triplet_;     // [(c * S + j) * S + k], j <= k filled
+  //! embedding term: F^s per centre species s (1-D tables in power form, like pair_)
+  bool embedding_ = false;
+  double decay_ = 0.0;
+  std::vector<PairTable> embed_;
+  //! F(rho_i) of one centre added to eps_i, and its forces added to f (compute_centre)
+  double embedding_term(int si, int n, const double *d, double *f, Workspace &ws) const;
   //! all triplet tables share one grid on axes 0 and 1 (r_cj, r_ck): the per-neighbour basis
   //! on it is computed once per neighbour instead of once per triplet
   bool shared_axis_ = false;

@@ -63,8 +63,9 @@ void PairMFF::init_style()
 {
   PairGPFF::init_style();
   if (force->newton_pair == 0) error->all(FLERR, "pair_style mff requires newton pair on");
-  // 2-body only: a half list (newton on), each pair once; with 3-body terms: a full list
-  half_list_ = model_->order() == 2;
+  // 2-body only: a half list (newton on), each pair once; with 3-body or embedding terms (a
+  // function of all neighbours of a centre): a full list
+  half_list_ = model_->order() == 2 && !model_->has_embedding();
   if (half_list_)
     neighbor->add_request(this);
   else
@@ -89,8 +90,11 @@ void PairMFF::compute(int eflag, int vflag)
   int **firstneigh = list->firstneigh;
   const double escale = escale_;
   const bool three = model_->order() == 3;
+  const bool embed = model_->has_embedding();
   const double rc2sq = model_->cutoff() * model_->cutoff();
   const double rc3sq = three ? model_->cutoff_3body() * model_->cutoff_3body() : 0.0;
+  // the neighbours compute_centre() needs: within r_c3 (3-body), within r_c (embedding)
+  const double rcsq_centre = embed && rc2sq > rc3sq ? rc2sq : rc3sq;
   const double rmaxsq = rc2sq > rc3sq ? rc2sq : rc3sq;
   // an order-2 model runs on a half list (every pair once, as any pair potential); an order-3
   // model on a full list, where with atom IDs every pair is still evaluated once (see below),
@@ -120,8 +124,8 @@ void PairMFF::compute(int eflag, int vflag)
        both atoms (on a half list every pair is there once; on a full list the pair (i, j) is
        kept for a local j > i, and for a ghost j by the tag and coordinate rule of LAMMPS' half
        lists with newton on, so that of the two directions (i, j) and (j, i') of a pair, on
-       whichever ranks they are, exactly one is kept); the neighbours within r_c3 are collected
-       for the 3-body term of centre i */
+       whichever ranks they are, exactly one is kept); the neighbours within r_c3 (and within
+       r_c with an embedding term) are collected for the centre terms of i */
     const double xi = x[i][0], yi = x[i][1], zi = x[i][2];
     const tagint itag = tag[i];
     int np = 0, nt = 0;
@@ -166,7 +170,7 @@ void PairMFF::compute(int eflag, int vflag)
           append(p_index_, p_species_, p_d_, np);
         }
       }
-      if (rsq < rc3sq || !once) append(t_index_, t_species_, t_d_, nt);
+      if (rsq < rcsq_centre || !once) append(t_index_, t_species_, t_d_, nt);
     }
 
     double fix = 0.0, fiy = 0.0, fiz = 0.0;
@@ -201,9 +205,9 @@ void PairMFF::compute(int eflag, int vflag)
       }
     }
 
-    // ---- 3-body terms of centre i (and its 2-body terms when not done above) ----
+    // ---- 3-body and embedding terms of centre i (and its 2-body terms when not done above) ----
     double ec = 0.0;
-    if (three || !once) {
+    if (three || embed || !once) {
       // without IDs t_* holds every neighbour within the largest cutoff: 2-body terms too
       const int *idx = t_index_.data();
       const double *d = t_d_.data();

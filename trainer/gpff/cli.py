@@ -114,17 +114,20 @@ def cmd_train_nbody(args) -> dict:
     options = {k: v for k, v in dict(
         length_scale_2=args.length_scale_2, length_scale_3=args.length_scale_3,
         sigma_2=args.sigma_2, sigma_3=args.sigma_3, sigma_energy=args.sigma_energy,
+        length_scale_embedding=args.length_scale_embedding, sigma_embedding=args.sigma_embedding,
         sigma_force=SIGMA_FORCE if args.sigma_force is None else args.sigma_force).items()
         if v is not None}
     model = NBodyGP(order=order, cutoff=args.cutoff, cutoff_3body=args.cutoff_3body,
-                    cutoff_width=args.cutoff_width, device=args.device,
+                    cutoff_width=args.cutoff_width, embedding=args.embedding,
+                    density_decay=args.density_decay, device=args.device,
                     progress=not args.quiet, **options)
     start = time.perf_counter()
     budget = 60.0 * args.time_budget
     n_envs, rule = args.n_envs, None
     if not args.no_optimize:
         given = [k for k in ("length_scale_2", "length_scale_3", "sigma_2", "sigma_3",
-                             "sigma_force") if getattr(args, k) is not None]
+                             "length_scale_embedding", "sigma_embedding", "sigma_force")
+                 if getattr(args, k) is not None]
         if not args.optimize_noise:
             given.append("sigma_energy")
         model.optimize(train, n_envs=args.n_envs_optimize, n_frames=args.n_frames_optimize,
@@ -223,7 +226,8 @@ def cmd_info(args) -> dict:
         for key in ("file", "model", "format_version", "gpff_version", "n_atoms", "species",
                     "n_perms", "kernel", "descriptor", "descriptor_exponent", "sigma", "lam",
                     "units", "n_train", "molecule_extent", "order", "cutoff", "cutoff_3body",
-                    "cutoff_width", "energy_offsets", "hyperparameters", "mapping_error"):
+                    "cutoff_width", "embedding", "energy_offsets", "hyperparameters",
+                    "mapping_error"):
             if key in info:
                 print(f"{key:16s} {info[key]}")
         for key, value in prov.items():
@@ -284,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--cutoff-3body", type=float, default=3.5, help="3-body cutoff r_c3, Å (default 3.5)")
     nb.add_argument("--cutoff-width", type=float, default=1.0,
                     help="width d of the smooth cutoff function, Å (default 1)")
+    nb.add_argument("--embedding", action="store_true",
+                    help="add the EAM-like many-body term F(ρ_i) of the density ρ_i = Σ_j "
+                    "f_c(r_ij) exp(-β r_ij) within --cutoff (mapped onto a 1-D spline)")
+    nb.add_argument("--density-decay", type=float, default=1.0,
+                    help="β of the embedding density, 1/Å (default 1)")
     nb.add_argument("--n-train", type=int, help="training configurations (default all)")
     nb.add_argument("--n-envs", type=int,
                     help="force environments (atoms, drawn at random) used in training (default: "
@@ -301,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--length-scale-3", type=float, help="ℓ₃, Å (default: optimised)")
     nb.add_argument("--sigma-2", type=float, help="2-body signal σ₂ (default: optimised)")
     nb.add_argument("--sigma-3", type=float, help="3-body signal σ₃ (default: optimised)")
+    nb.add_argument("--length-scale-embedding", type=float,
+                    help="ℓ_ρ of the embedding kernel, units of ρ (default: optimised)")
+    nb.add_argument("--sigma-embedding", type=float,
+                    help="signal σ_ρ of the embedding kernel (default: optimised)")
     nb.add_argument("--sigma-energy", type=float, default=0.005,
                     help="energy noise per atom, energy unit (default 0.005; the regularisation of "
                     "the energies, as GAP's default_sigma)")

@@ -2,7 +2,8 @@
 
 nbody_gp_mff eqs. 5.38–5.39: with a 2-body or 3-body kernel the GP local energy is a sum of
 functions of one distance (g₂) or of a triplet's three distances (g₃), fixed once the model is
-trained. :func:`map_functions` tabulates them on uniform grids and interpolates by cubic B-splines
+trained; the same holds for the embedding functions F^s(ρ) of the density ρ of an EAM-like
+term. :func:`map_functions` tabulates them on uniform grids and interpolates by cubic B-splines
 (1-D, and tricubic tensor product for g₃; :mod:`gpff.bspline`), refining each grid until the
 gradient of the interpolant matches the function's to a target. The result, a
 :class:`MappedForceField`, is saved as a `.gpff` file (``model: "mff"``, docs/mff.md) that the C++
@@ -50,13 +51,18 @@ class MappedForceField:
         pair_tables: {(a, b) with a <= b: (coefficients (n+2,), Axis)}.
         triplet_tables: {(c, j, k) with j <= k: (coefficients (n1+2, n2+2, n3+2), (Axis,)*3)};
             axes (r_cj, r_ck, r_jk).
+        embedding_tables: {s: (coefficients (n+2,), Axis)} of the embedding functions F^s(ρ)
+            (ρ axis; empty without the embedding term); outside the table the end cubics are
+            extrapolated, as for the pair tables.
+        density_decay: β of the density ρ_i = Σ_{j, r_ij < r_c} f_c(r_ij; r_c) exp(-β r_ij), 1/Å
+            (None without the embedding term).
         energy_unit: unit of energies ("eV" for materials data).
         hyperparameters, mapping_error, provenance: dicts recorded in the model file.
     """
 
     def __init__(self, species, order, cutoff, cutoff_width, energy_offsets, pair_tables,
                  triplet_tables=None, cutoff_3body=None, energy_unit="eV", hyperparameters=None,
-                 mapping_error=None, provenance=None):
+                 mapping_error=None, provenance=None, embedding_tables=None, density_decay=None):
         self.species = list(species)
         self.order = int(order)
         self.cutoff = float(cutoff)
@@ -65,6 +71,8 @@ class MappedForceField:
         self.energy_offsets = np.asarray(energy_offsets, dtype=np.float64)
         self.pair_tables = dict(pair_tables)
         self.triplet_tables = dict(triplet_tables or {})
+        self.embedding_tables = dict(embedding_tables or {})
+        self.density_decay = None if density_decay is None else float(density_decay)
         self.energy_unit = energy_unit
         self.hyperparameters = dict(hyperparameters or {})
         self.mapping_error = dict(mapping_error or {})
@@ -112,6 +120,8 @@ class MappedForceField:
 
         pair = d < self.cutoff
         self._pair_terms(s, i[pair], j[pair], d[pair], D[pair], energies, forces, virial)
+        if self.embedding_tables:
+            self._embedding_terms(s, i[pair], j[pair], d[pair], D[pair], energies, forces, virial)
         if self.order == 3:
             tri = d < self.cutoff_3body
             self._triplet_terms(s, i[tri], j[tri], d[tri], D[tri], energies, forces, virial)
@@ -135,6 +145,22 @@ class MappedForceField:
             np.add.at(forces, j[sel], -grad)
             np.add.at(forces, i[sel], grad)
             virial -= D[sel].T @ grad
+
+    def _embedding_terms(self, s, i, j, d, D, energies, forces, virial):
+        fc, dfc = cutoff_function(d, self.cutoff, self.cutoff_width)
+        e = np.exp(-self.density_decay * d)
+        phi, dphi = fc * e, (dfc - self.density_decay * fc) * e
+        rho = np.zeros(len(s))
+        np.add.at(rho, i, phi)
+        F, dF = np.zeros(len(s)), np.zeros(len(s))
+        for a, (coef, axis) in self.embedding_tables.items():
+            sel = np.nonzero(s == a)[0]
+            F[sel], dF[sel] = evaluate_1d(coef, axis, rho[sel])
+        energies += F
+        grad = (dF[i] * dphi / d)[:, None] * D                          # dε_i/dr_j
+        np.add.at(forces, j, -grad)
+        np.add.at(forces, i, grad)
+        virial -= D.T @ grad
 
     def _triplet_terms(self, s, i, j, d, D, energies, forces, virial):
         starts = np.searchsorted(i, np.arange(len(s) + 1))
@@ -232,7 +258,8 @@ def _map_3d(fn, grid_fn, lo, hi, target, n_points, rng):
 
 def map_functions(species, g2, g3=None, *, g3_on_grid=None, cutoff, cutoff_width, r_min,
                   energy_offsets, cutoff_3body=None, energy_unit="eV", map_error=DEFAULT_MAP_ERROR,
-                  n_points=None, n_points_3body=None, seed=0, **metadata) -> MappedForceField:
+                  n_points=None, n_points_3body=None, embedding=None, seed=0,
+                  **metadata) -> MappedForceField:
     """Tabulate local-energy functions on B-spline grids (nbody_gp_mff eqs. 5.38–5.39).
 
     species: element symbols. g2(a, b, r): g₂ of species symbols a, b at distances r (P,) →
@@ -240,6 +267,8 @@ def map_functions(species, g2, g3=None, *, g3_on_grid=None, cutoff, cutoff_width
         the cutoff function. g3_on_grid(c, j, k, x, y, z) → (n_x, n_y, n_z): optional, g₃ on a
         tensor-product grid (faster than g3 at every node).
     cutoff, cutoff_3body, cutoff_width: r_c, r_c3, d (Å). r_min: smallest tabulated distance, Å.
+    embedding: None, or (F, density_decay, rho_max) for an embedding term: F(s, rho) → (P,) the
+        embedding function of centre species s at densities rho (P,), tabulated on [0, rho_max].
     energy_offsets: (S,) e₀ per species. map_error: target of the largest error of the table
         gradient (energy unit/Å), reached by refining the grid (each refinement halves the spacing);
         ignored where n_points (2-body) / n_points_3body (points on the r_cj axis) fix the grid.
@@ -268,10 +297,20 @@ def map_functions(species, g2, g3=None, *, g3_on_grid=None, cutoff, cutoff_width
                 triplet_tables[(c, j, k)] = (coef, axes)
                 report["triplet"][f"{sc}-{sj}-{sk}"] = {
                     "n_points": [ax.n_points for ax in axes], "max_gradient_error": err}
+    embedding_tables, density_decay = {}, None
+    if embedding is not None:
+        fn, density_decay, rho_max = embedding
+        report["embedding"] = {}
+        for a, sa in enumerate(species):
+            coef, axis, err = _map_1d(lambda x: np.asarray(fn(sa, x), dtype=np.float64),
+                                      0.0, rho_max, map_error, n_points, rng)
+            embedding_tables[a] = (coef, axis)
+            report["embedding"][sa] = {"n_points": axis.n_points, "rho_max": rho_max,
+                                       "max_gradient_error": err}
     return MappedForceField(species, 3 if g3 is not None else 2, cutoff, cutoff_width,
                             energy_offsets, pair_tables, triplet_tables, cutoff_3body,
                             energy_unit, metadata.get("hyperparameters"), report,
-                            metadata.get("provenance"))
+                            metadata.get("provenance"), embedding_tables, density_decay)
 
 
 
@@ -280,7 +319,8 @@ def map_gp(model, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3body=Non
     """Map a trained n-body GP (gpff.nbody.NBodyGP, order 2 or 3) onto B-spline tables.
 
     The tables start 0.1 Å below the shortest training distance ``model.r_min`` (shorter
-    distances are extrapolation).
+    distances are extrapolation); the embedding tables span ρ from 0 to twice the largest
+    training density.
     check_frames: configurations on which the mapped model is compared with the exact GP; the
         force MAE of mapped − exact (energy unit/Å) and the largest energy difference per atom
         are added to ``mapping_error``.
@@ -299,7 +339,9 @@ def map_gp(model, map_error=DEFAULT_MAP_ERROR, n_points=None, n_points_3body=Non
         cutoff_width=model.cutoff_width, r_min=r_min,
         energy_offsets=[model.energy_offsets[s] for s in model.species],
         energy_unit=model.energy_unit, map_error=map_error, n_points=n_points,
-        n_points_3body=n_points_3body, hyperparameters=model.hyperparameters)
+        n_points_3body=n_points_3body, hyperparameters=model.hyperparameters,
+        embedding=((model.embedding_function, model.density_decay, 2.0 * model.density_range[1])
+                   if model.embedding else None))
     mapped.mapping_error["r_min"] = r_min
     if check_frames:
         exact = model.predict(check_frames)

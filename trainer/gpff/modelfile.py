@@ -92,6 +92,14 @@ def save_mff(model, path) -> None:
     if model.order == 3:
         meta["cutoff_3body"] = model.cutoff_3body
         meta["triplet_tables"] = triplet_tables
+    if model.embedding_tables:
+        tables = []
+        for a, (coef, axis) in sorted(model.embedding_tables.items()):
+            name = f"embedding_{sp[a]}"
+            tensors[name] = np.ascontiguousarray(coef, dtype=np.float64)
+            tables.append({"species": [sp[a]], "tensor": name, "rho_min": axis.start,
+                           "spacing": axis.spacing, "n_points": axis.n_points})
+        meta["embedding"] = {"density_decay": model.density_decay, "tables": tables}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"gpff": json.dumps(meta)}))
 
 
@@ -254,6 +262,28 @@ def load_mff(path, meta, tensors):
                                  f"species order does not match the grid")
         triplets[key] = (coef, axes)
     n = len(species)
+    embedding, decay = {}, None
+    if "embedding" in meta:
+        emb = meta["embedding"]
+        if not isinstance(emb, dict) or not isinstance(emb.get("tables"), list):
+            raise ModelFileError(f"{path}: embedding must be an object with a list 'tables'")
+        decay = emb.get("density_decay")
+        if not isinstance(decay, (int, float)) or not (np.isfinite(decay) and decay >= 0):
+            raise ModelFileError(f"{path}: embedding: density_decay must be a number >= 0, "
+                                 f"got {decay!r}")
+        for entry in emb["tables"]:
+            if not isinstance(entry, dict):
+                raise ModelFileError(f"{path}: embedding tables must be objects")
+            (key,), coef = _table(path, tensors, entry, index, 1, "embedding table")
+            axis = _axis(path, {"min": entry.get("rho_min"), "spacing": entry.get("spacing"),
+                                "n_points": entry.get("n_points")},
+                         f"embedding table {entry['species']}")
+            if coef.shape != (axis.n_points + 2,) or key in embedding:
+                raise ModelFileError(f"{path}: embedding table {entry['species']}: shape "
+                                     f"{coef.shape} does not match the grid, or a second table")
+            embedding[key] = (coef, axis)
+        if set(embedding) != set(range(n)):
+            raise ModelFileError(f"{path}: the embedding tables do not cover every species")
     want_pairs = set(itertools.combinations_with_replacement(range(n), 2))
     want_triplets = {(c, j, k) for c in range(n) for j, k in want_pairs} if order == 3 else set()
     if set(pairs) != want_pairs or set(triplets) != want_triplets:
@@ -262,7 +292,7 @@ def load_mff(path, meta, tensors):
     return MappedForceField(species, order, meta["cutoff"], meta["cutoff_width"],
                             meta["energy_offsets"], pairs, triplets, meta.get("cutoff_3body"),
                             meta["units"]["energy"], meta.get("hyperparameters"),
-                            meta.get("mapping_error"), meta.get("provenance"))
+                            meta.get("mapping_error"), meta.get("provenance"), embedding, decay)
 
 
 _LOADERS = {"sgdml": load_sgdml, "mff": load_mff}

@@ -6,7 +6,10 @@ The total energy of a configuration is Σ_i [e₀(s_i) + ε_i] with the local en
         + Σ_{j<k, r_ij, r_ik < r_c3} f_c(r_ij; r_c3) f_c(r_ik; r_c3) g₃^{s_i s_j s_k}(r_ij, r_ik, r_jk)
 
 with independent zero-mean GP priors on g₂ (per unordered species pair, eqs. 5.28/5.36) and g₃
-(S₃-symmetrised, eq. 5.37). Observations are total energies and Cartesian force components of a
+(S₃-symmetrised, eq. 5.37). With ``embedding=True`` the local energy gains an EAM-like many-body
+term F^{s_i}(ρ_i) of the density ρ_i = Σ_{j, r_ij < r_c} f_c(r_ij; r_c) exp(-β r_ij), with a
+squared-exponential GP prior on each F^s (an additive kernel, eq. 5.9 applied to the scalar
+descriptor ρ); it is mapped onto a 1-D spline like g₂. Observations are total energies and Cartesian force components of a
 random subset of atoms; the joint energy/force kernel matrix (eq. 5.14) is solved by Cholesky in
 float64, and the forces of the model are the exact -∂E/∂R of its energy (energy conserving).
 Orders 5 and "many" replace the local energy by a GP with a many-body kernel built on the 3-body
@@ -50,9 +53,13 @@ GRID2_EXTENSION = 1.0
 #: energy unit): outside them the objective is penalised, so that a line-search trial step cannot
 #: ask for absurd quadrature grids
 HYPERPARAMETER_BOUNDS = {"length_scale_2": (0.05, 20.0), "length_scale_3": (0.05, 20.0),
-                         "length_scale_many": (1e-3, 1e3), "sigma_2": (1e-8, 1e4),
+                         "length_scale_many": (1e-3, 1e3), "length_scale_embedding": (1e-3, 1e2),
+                         "sigma_embedding": (1e-8, 1e4), "sigma_2": (1e-8, 1e4),
                          "sigma_3": (1e-8, 1e4), "sigma_many": (1e-8, 1e4),
                          "sigma_energy": (1e-8, 1e4), "sigma_force": (1e-8, 1e4)}
+#: upper extension of the embedding quadrature grid beyond the largest training density, as a
+#: fraction of the training range of ρ (queries beyond the grid's exact range use direct sums)
+GRID_EMBEDDING_EXTENSION = 0.5
 #: most force environments the default rule of `gpff train nbody` takes (:func:`n_envs_within`)
 N_ENVS_MAX = 2000
 #: largest 3-body grid of the posterior mean g₃ (elements); beyond it g₃ uses direct sums
@@ -187,6 +194,10 @@ class NBodyGP:
             is the length scale of the inner 3-body kernel).
         length_scale_many, sigma_many: outer length scale ℓ (dimensionless; order "many") and
             signal σ (orders 5 and "many") of the many-body kernel σ² exp(-d_s²/2ℓ²) or σ² k₃².
+        embedding: add the embedding term F^{s_i}(ρ_i) to the local energy (orders 2 and 3).
+        density_decay: β of the density ρ_i = Σ_j f_c(r_ij; r_c) exp(-β r_ij), 1/Å (≥ 0).
+        length_scale_embedding, sigma_embedding: length scale (units of ρ) and signal (energy
+            unit) of the prior σ_ρ² exp(-(ρ - ρ')²/2ℓ_ρ²) of F^s.
         sigma_energy: noise of the energy per atom (energy unit); a total energy of N atoms has
             noise N σ_E.
         sigma_force: noise of a force component (energy unit/Å).
@@ -207,6 +218,8 @@ class NBodyGP:
                  cutoff_width: float = 1.0, length_scale_2: float = 0.5, sigma_2: float = 1.0,
                  length_scale_3: float = 1.0, sigma_3: float = 0.5,
                  length_scale_many: float = 1.0, sigma_many: float = 1.0,
+                 embedding: bool = False, density_decay: float = 1.0,
+                 length_scale_embedding: float = 0.1, sigma_embedding: float = 0.1,
                  sigma_energy: float = 0.002, sigma_force: float = 0.05,
                  kernel_method: str = "auto", device: str = "cpu", progress: bool = True):
         if order not in ORDERS:
@@ -222,9 +235,15 @@ class NBodyGP:
         for name, v in (("length_scale_2", length_scale_2), ("sigma_2", sigma_2),
                         ("length_scale_3", length_scale_3), ("sigma_3", sigma_3),
                         ("length_scale_many", length_scale_many), ("sigma_many", sigma_many),
+                        ("length_scale_embedding", length_scale_embedding),
+                        ("sigma_embedding", sigma_embedding),
                         ("sigma_energy", sigma_energy), ("sigma_force", sigma_force)):
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be positive, got {v}")
+        if embedding and order in MANY_BODY_ORDERS:
+            raise ValueError(f"the embedding term is for orders 2 and 3, not {order!r}")
+        if not (density_decay >= 0 and math.isfinite(density_decay)):
+            raise ValueError(f"density_decay must be non-negative, got {density_decay}")
         if kernel_method not in KERNEL_METHODS:
             raise ValueError(f"kernel_method must be one of {KERNEL_METHODS}, got {kernel_method!r}")
         self.order = order
@@ -237,6 +256,10 @@ class NBodyGP:
         self.sigma_3 = float(sigma_3)
         self.length_scale_many = float(length_scale_many)
         self.sigma_many = float(sigma_many)
+        self.embedding = bool(embedding)
+        self.density_decay = float(density_decay)
+        self.length_scale_embedding = float(length_scale_embedding)
+        self.sigma_embedding = float(sigma_embedding)
         self.sigma_energy = float(sigma_energy)
         self.sigma_force = float(sigma_force)
         self.kernel_method = kernel_method
@@ -247,6 +270,7 @@ class NBodyGP:
         self.energy_unit = "eV"
         self.force_envs = np.zeros((0, 2), dtype=int)
         self.r_min = None
+        self.density_range = None
         self.provenance: dict = {}
         self._train: _Observations | None = None
         self._alpha = None
@@ -257,11 +281,9 @@ class NBodyGP:
     @property
     def hyperparameter_names(self) -> list:
         """Names of the hyperparameters, in the order of the log-hyperparameter vector."""
-        if self.order == 2:
-            return ["length_scale_2", "sigma_2", "sigma_energy", "sigma_force"]
-        if self.order == 3:
-            return ["length_scale_2", "sigma_2", "length_scale_3", "sigma_3", "sigma_energy",
-                    "sigma_force"]
+        if self.order in (2, 3):
+            return [n for name, ell, sig in self._additive_kernels() for n in (ell, sig)] + [
+                "sigma_energy", "sigma_force"]
         if self.order == 5:
             return ["length_scale_3", "sigma_many", "sigma_energy", "sigma_force"]
         return ["length_scale_3", "length_scale_many", "sigma_many", "sigma_energy", "sigma_force"]
@@ -284,6 +306,22 @@ class NBodyGP:
     @property
     def n_species(self) -> int:
         return len(self.species)
+
+    def _additive_kernels(self) -> list:
+        """(unit kernel, length-scale name, signal name) of the terms of an order-2/3 kernel."""
+        out = [("k2", "length_scale_2", "sigma_2")]
+        if self.order == 3:
+            out.append(("k3", "length_scale_3", "sigma_3"))
+        if self.embedding:
+            out.append(("kemb", "length_scale_embedding", "sigma_embedding"))
+        return out
+
+    def density(self, r: torch.Tensor):
+        """Density contribution φ(r) = f_c(r; r_c) exp(-β r) of a neighbour at distance r (Å,
+        any shape) and its derivative φ'(r) (1/Å)."""
+        f, df = cutoff_function(r, self.cutoff, self.cutoff_width)
+        e = torch.exp(-self.density_decay * r)
+        return f * e, (df - self.density_decay * f) * e
 
     # ------------------------------------------------------------------ observations
     def _frame_terms(self, env: FrameEnvironment, e_row, force_atoms, f_row0):
@@ -310,6 +348,11 @@ class NBodyGP:
                 p, atom, J = pair_jacobian_terms(env, mask, u)
                 out["pairsF"] = nk.Terms(r[p, None], code[p], f_row0 + local_t[atom], 0,
                                          -df[p, None] * J, (-f[p, None] * J)[:, :, None])
+            if self.embedding:
+                out.update(self._embedding_terms(env, r, p if len(force_atoms) else None,
+                                                 atom if len(force_atoms) else None,
+                                                 J if len(force_atoms) else None,
+                                                 e_row, f_row0 + local_t))
         if self.order == 3 and env.n_triplets:
             q, code, w, dw, u, _ = self._triplets(env)
             if e_row is not None:
@@ -318,6 +361,30 @@ class NBodyGP:
                 t, atom, J = triplet_jacobian_terms(env, mask, *u)
                 A, B = self._derivative_factors(w, dw, t, J)
                 out["tripF"] = nk.Terms(q[t], code[t], f_row0 + local_t[atom], 0, A, B)
+        return out
+
+    def _embedding_terms(self, env, r, p, atom, J, e_row, f_row):
+        """Embedding terms of one frame: the energy functional Σ_i F(ρ_i) (group e_row, unless
+        None) and the force functionals -∂/∂R_a Σ_i F(ρ_i) = Σ_i (-∂ρ_i/∂R_a) F'(ρ_i) of the
+        atoms a of the pair-Jacobian entries (p, atom, J) (group f_row[a]; none when p is None).
+        One term per (centre i, atom a): the feature ρ_i, derivative weight -∂ρ_i/∂R_a."""
+        dev = self.device
+        sp = torch.as_tensor(env.species, device=dev)
+        pi = torch.as_tensor(env.pair_i, device=dev)
+        phi, dphi = self.density(r)
+        rho = torch.zeros(env.n_atoms, dtype=torch.float64, device=dev).index_add(0, pi, phi)
+        out = {}
+        if e_row is not None:
+            out["embE"] = nk.Terms(rho[:, None], sp, torch.full_like(sp, e_row), 0,
+                                   torch.ones(env.n_atoms, 1, dtype=torch.float64, device=dev))
+        if p is not None:
+            key = pi[p] * env.n_atoms + atom                    # (centre, differentiated atom)
+            uniq, inv = torch.unique(key, return_inverse=True)
+            B = torch.zeros(len(uniq), 3, dtype=torch.float64, device=dev).index_add(
+                0, inv, -dphi[p, None] * J)
+            centre, a = uniq // env.n_atoms, uniq % env.n_atoms
+            out["embF"] = nk.Terms(rho[centre, None], sp[centre], f_row[a], 0,
+                                   torch.zeros_like(B), B[:, :, None])
         return out
 
     def _triplets(self, env: FrameEnvironment):
@@ -357,7 +424,7 @@ class NBodyGP:
         if self.order in MANY_BODY_ORDERS:
             return obs
         e_row = {int(c): k for k, c in enumerate(obs.energy_frames)}
-        parts = {"pairsE": [], "pairsF": [], "tripE": [], "tripF": []}
+        parts = {"pairsE": [], "pairsF": [], "tripE": [], "tripF": [], "embE": [], "embF": []}
         f_row = 0
         for c, env in enumerate(envs):
             atoms = obs.force_index[obs.force_index[:, 0] == c, 1]
@@ -377,6 +444,8 @@ class NBodyGP:
         obs.pairsF = _cat_terms(parts["pairsF"], obs.n_F, 1, 3, True, dev)
         obs.tripE = _cat_terms(parts["tripE"], obs.n_E, 3, 1, False, dev)
         obs.tripF = _cat_terms(parts["tripF"], obs.n_F, 3, 3, True, dev)
+        obs.embE = _cat_terms(parts["embE"], obs.n_E, 1, 1, False, dev)
+        obs.embF = _cat_terms(parts["embF"], obs.n_F, 1, 3, True, dev)
         return obs
 
     # ------------------------------------------------------------------ grids
@@ -404,6 +473,34 @@ class NBodyGP:
         grid = self._grid2(ell_value)
         PX = self._pair_design(X, grid, ell)
         PY = PX if Y is None else self._pair_design(Y, grid, ell)
+        return grid.weight(ell) * (PX @ PY.T)
+
+    def _grid_embedding(self, lo: float, hi: float, ell_value):
+        """Quadrature grid of the embedding kernel, exact for densities in [lo, hi]."""
+        m = nk.MARGIN_ELLS * ell_value
+        return nk.Grid(lo - m, hi + m, ell_value, nk.POINTS_PER_ELL_2, self.device)
+
+    @staticmethod
+    def _density_range(*obs):
+        """(min, max) of the densities ρ in the embedding terms of `obs` ((0, 0) if none)."""
+        q = [t.q for o in obs for t in (o.embE, o.embF) if t.n_terms]
+        if not q:
+            return 0.0, 0.0
+        return min(float(x.min()) for x in q), max(float(x.max()) for x in q)
+
+    def _kernel_emb(self, X: _Observations, Y: _Observations | None, ell, ell_value):
+        """Unit embedding kernel Σ Σ' ∂∂' exp(-(ρ - ρ')²/2ℓ_ρ²) between the observations of X
+        and Y (Y None: X with itself); F^s independent per centre species s."""
+        grid = self._grid_embedding(*self._density_range(X, *(() if Y is None else (Y,))),
+                                    ell_value)
+        codes = list(range(self.n_species))
+
+        def design(obs):
+            parts = [nk.design2(t, codes, grid, ell) for t, n in ((obs.embE, obs.n_E),
+                                                                  (obs.embF, obs.n_F)) if n]
+            return torch.cat(parts)
+        PX = design(X)
+        PY = PX if Y is None else design(Y)
         return grid.weight(ell) * (PX @ PY.T)
 
     def _chunk_rows(self, size: int) -> int:
@@ -520,9 +617,9 @@ class NBodyGP:
         return torch.cat(rows, 0)
 
     def _unit_kernel(self, name, X, Y, ell_value, tangents=False):
-        """Unit kernel "k2" or "k3" between X and Y (Y None: X with itself) at length scale
+        """Unit kernel "k2", "k3" or "kemb" between X and Y (Y None: X with itself) at length scale
         `ell_value`, and dK/dlog ℓ by forward-mode AD when `tangents`."""
-        fn = self._kernel2 if name == "k2" else self._kernel3
+        fn = {"k2": self._kernel2, "k3": self._kernel3, "kemb": self._kernel_emb}[name]
         ell = torch.tensor(ell_value, dtype=torch.float64, device=self.device)
         if not tangents:
             with torch.no_grad():
@@ -532,12 +629,11 @@ class NBodyGP:
             K, dK = fwAD.unpack_dual(fn(X, Y, dual, ell_value))
         return K.clone(), (torch.zeros_like(K) if dK is None else dK.clone())
 
-    def _unit_kernels(self, X, Y=None):
-        """{"k2": K₂, "k3": K₃} (unit kernels at the current length scales) between X and Y."""
-        out = {"k2": self._unit_kernel("k2", X, Y, self.length_scale_2)[0]}
-        if self.order == 3:
-            out["k3"] = self._unit_kernel("k3", X, Y, self.length_scale_3)[0]
-        return out
+    def _prior_kernel(self, X, Y=None):
+        """Noise-free prior covariance Σ σ² K_unit of the additive kernel (orders 2, 3) between
+        the observations of X and Y (Y None: X with itself)."""
+        return sum(getattr(self, sig) ** 2 * self._unit_kernel(name, X, Y, getattr(self, ell))[0]
+                   for name, ell, sig in self._additive_kernels())
 
     def _noise_diag(self, obs, sigma_energy, sigma_force):
         dev = self.device
@@ -771,9 +867,7 @@ class NBodyGP:
         elif self.order == "many":
             terms = [("many", ("length_scale_3", "length_scale_many"), "sigma_many")]
         else:
-            terms = [("k2", ("length_scale_2",), "sigma_2")]
-            if self.order == 3:
-                terms.append(("k3", ("length_scale_3",), "sigma_3"))
+            terms = [(name, (ell,), sig) for name, ell, sig in self._additive_kernels()]
         for name, keys, sig in terms:
             ells = tuple(float(v[key].detach()) for key in keys)
             ckey = (name, ells, need)
@@ -867,6 +961,7 @@ class NBodyGP:
             raise DatasetError(f"{where}: no observations (no energies and n_envs = 0)")
         obs = self._observations(envs, energy_frames, force_index)
         self.force_envs = obs.force_index.copy()
+        self.density_range = self._density_range(obs) if self.embedding else None
         # shortest training distance and the species in use
         rmin = np.inf
         for e in envs:
@@ -949,6 +1044,19 @@ class NBodyGP:
                 self._means["3"] = {"terms": mean3, "theta": theta3, "grid": g3,
                                     "range": g3.exact_range(self._fmin3, 2 * self.cutoff_3body,
                                                             self.length_scale_3)}
+            if self.embedding:
+                meanF = self._contract(obs.embE, aE, obs.embF, aF)
+                ellF = torch.tensor(self.length_scale_embedding, dtype=torch.float64, device=dev)
+                lo, hi = self.density_range
+                gF = self._grid_embedding(lo, hi + GRID_EMBEDDING_EXTENSION * (hi - lo),
+                                          self.length_scale_embedding)
+                codes = list(range(self.n_species))
+                Phi = sum((nk.design2(t, codes, gF, ellF) for t in meanF),
+                          torch.zeros(1, len(codes) * gF.n, dtype=torch.float64, device=dev))
+                thetaF = (self.sigma_embedding ** 2 * gF.weight(ellF)
+                          * Phi.reshape(len(codes), gF.n))
+                self._means["emb"] = {"terms": meanF, "theta": thetaF, "grid": gF,
+                                      "range": gF.exact_range(lo, hi, self.length_scale_embedding)}
 
     @staticmethod
     def _contract(TE, aE, TF, aF):
@@ -1125,7 +1233,9 @@ class NBodyGP:
                   cutoff_width=self.cutoff_width, length_scale_2=self.length_scale_2,
                   sigma_2=self.sigma_2, length_scale_3=self.length_scale_3, sigma_3=self.sigma_3,
                   length_scale_many=self.length_scale_many, sigma_many=self.sigma_many,
-                  sigma_energy=self.sigma_energy, sigma_force=self.sigma_force,
+                  embedding=self.embedding, density_decay=self.density_decay,
+                  length_scale_embedding=self.length_scale_embedding,
+                  sigma_embedding=self.sigma_embedding, sigma_energy=self.sigma_energy, sigma_force=self.sigma_force,
                   kernel_method=self.kernel_method, device=str(self.device), progress=self.progress)
         kw.update(changes)
         if kw["order"] in (3, *MANY_BODY_ORDERS) and kw["cutoff_3body"] is None:
@@ -1143,11 +1253,11 @@ class NBodyGP:
         return self.species.index(symbol)
 
     def _mean_torch(self, part, x, code, inside, on_grid, direct):
-        """Posterior mean of part "2" or "3" at features x of species codes `code`: the rows
+        """Posterior mean of part "2", "3" or "emb" at features x of species codes `code`: the rows
         `inside` the exact range of the quadrature grid by on_grid(idx), the rest by the direct
         sums direct(terms, idx) × σ² (differentiable in x)."""
         m = self._means[part]
-        sigma = self.sigma_2 if part == "2" else self.sigma_3
+        sigma = {"2": self.sigma_2, "3": self.sigma_3, "emb": self.sigma_embedding}[part]
         out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         if bool(inside.any()):
             idx = torch.nonzero(inside).reshape(-1)
@@ -1168,6 +1278,18 @@ class NBodyGP:
             "2", r, code, (r >= lo) & (r <= hi) & (not direct),
             lambda idx: nk.eval_grid2(m["theta"], self._pair_codes, m["grid"], ell, r[idx], code[idx]),
             lambda t, idx: nk.eval_direct2(t, ell, r[idx], code[idx]))
+
+    def _embedding_torch(self, rho, code, direct=False):
+        """Posterior mean F̄^s(ρ) at densities ρ (A,) of centre species `code` (differentiable
+        in ρ); by the direct sums everywhere if `direct`."""
+        m = self._means["emb"]
+        ell = torch.tensor(self.length_scale_embedding, dtype=torch.float64, device=self.device)
+        lo, hi = m["range"]
+        return self._mean_torch(
+            "emb", rho, code, (rho >= lo) & (rho <= hi) & (not direct),
+            lambda idx: nk.eval_grid2(m["theta"], list(range(self.n_species)), m["grid"], ell,
+                                      rho[idx], code[idx]),
+            lambda t, idx: nk.eval_direct2(t, ell, rho[idx], code[idx]))
 
     def _g3_torch(self, q, code, direct=False):
         """Posterior mean ḡ₃ at triplet features q (T, 3) of ordered species codes (differentiable);
@@ -1203,6 +1325,26 @@ class NBodyGP:
                           device=self.device)
         with torch.no_grad():
             return self._g2_torch(rt, code).cpu().numpy().reshape(r.shape)
+
+    @_numerics
+    def embedding_function(self, s: str, rho) -> np.ndarray:
+        """Posterior mean of the embedding function F^s(ρ) of centre element s, energy unit.
+
+        Args:
+            s: element symbol; rho: densities ρ = Σ_j f_c(r_ij) exp(-β r_ij) (any shape).
+        Returns:
+            array with the shape of rho.
+        Raises:
+            SpeciesError: unknown element; ValueError: a model without the embedding term.
+        """
+        self._check_trained()
+        if not self.embedding:
+            raise ValueError("the model has no embedding term (embedding=False)")
+        rho = np.asarray(rho, dtype=np.float64)
+        x = torch.as_tensor(rho.reshape(-1), device=self.device)
+        code = torch.full(x.shape, self._species_index(s), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self._embedding_torch(x, code).cpu().numpy().reshape(rho.shape)
 
     @_numerics
     def g3(self, c: str, j: str, k: str, r_cj, r_ck, r_jk) -> np.ndarray:
@@ -1292,6 +1434,11 @@ class NBodyGP:
             code = nk.pair_code(sp[torch.as_tensor(env.pair_i, device=dev)],
                                 sp[torch.as_tensor(env.pair_j, device=dev)], n)
             E = E + (f * self._g2_torch(r, code, direct)).sum()
+        if self.embedding:
+            r = torch.linalg.norm(g["d2"], dim=1)
+            rho = torch.zeros(env.n_atoms, dtype=torch.float64, device=dev).index_add(
+                0, torch.as_tensor(env.pair_i, device=dev), self.density(r)[0])
+            E = E + self._embedding_torch(rho, sp, direct).sum()
         if self.order == 3 and env.n_triplets:
             q = torch.stack([torch.linalg.norm(g["d_ij"], dim=1), torch.linalg.norm(g["d_ik"], dim=1),
                              torch.linalg.norm(g["d_jk"], dim=1)], dim=1)
@@ -1388,22 +1535,14 @@ class NBodyGP:
         if self.order in MANY_BODY_ORDERS:
             return self.sigma_many ** 2 * self._many_kernel(T, self._train, self.length_scale_3,
                                                             self.length_scale_many)
-        u = self._unit_kernels(T, self._train)
-        K = self.sigma_2 ** 2 * u["k2"]
-        if self.order == 3:
-            K = K + self.sigma_3 ** 2 * u["k3"]
-        return K
+        return self._prior_kernel(T, self._train)
 
     def _prior_energy_cov(self, T: _Observations):
         """Prior covariance of the energies of T among themselves (n, n)."""
         if self.order in MANY_BODY_ORDERS:
             return self.sigma_many ** 2 * self._many_kernel(T, None, self.length_scale_3,
                                                             self.length_scale_many)
-        u = self._unit_kernels(T, None)
-        K = self.sigma_2 ** 2 * u["k2"]
-        if self.order == 3:
-            K = K + self.sigma_3 ** 2 * u["k3"]
-        return K
+        return self._prior_kernel(T, None)
 
     def _energy_variance(self, envs):
         T = self._test_observations(envs)
@@ -1430,6 +1569,9 @@ class NBodyGP:
         return {"model": "mff", "order": self.order, "species": self.species,
                 "cutoff": self.cutoff, "cutoff_3body": self.cutoff_3body,
                 "cutoff_width": self.cutoff_width, "energy_unit": self.energy_unit,
+                "embedding": self.embedding,
+                "density_decay": self.density_decay if self.embedding else None,
+                "density_range": self.density_range,
                 "energy_offsets": dict(self.energy_offsets), "r_min": self.r_min,
                 "hyperparameters": self.hyperparameters, "kernel_method": self.kernel_method,
                 "provenance": copy.deepcopy(self.provenance)}
