@@ -120,7 +120,8 @@ def launcher(name) -> str:
 def train_model(data, out, order, cutoff, cutoff_3, args) -> dict:
     cmd = gpff_cmd() + ["train", "nbody", str(data), "-o", str(out), "--order", str(order),
                         "--cutoff", repr(cutoff), "--cutoff-3body", repr(cutoff_3),
-                        "--n-envs", str(args.n_envs), "--seed", str(args.seed), "-q"]
+                        "--n-envs", str(args.n_envs), "--seed", str(args.seed), "-q",
+                        "--no-embedding"]        # pure 2-/2+3-body, as table and uf3
     cmd += args.train_args.split()
     print(f"   $ gpff {' '.join(cmd[len(gpff_cmd()):])}", flush=True)
     t0 = time.perf_counter()

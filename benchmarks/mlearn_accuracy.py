@@ -335,7 +335,7 @@ def eval_gpff(el, label, args, train_path, test_path, test, model_dir, tmp) -> d
     model = os.path.join(model_dir, f"{el}_order{label}.gpff")
     cmd = gpff_cmd() + ["train", "nbody", train_path, "-o", model, "--order", str(order),
                         "--cutoff", repr(rc), "--cutoff-3body", repr(rc3),
-                        "--seed", str(args.seed), "-q"] + (["--embedding"] if embedding else [])
+                        "--seed", str(args.seed), "-q", "--embedding" if embedding else "--no-embedding"]
     if args.n_envs is not None:
         cmd += ["--n-envs", str(args.n_envs)]
     if args.n_train:

@@ -233,12 +233,14 @@ def test_null_types_with_hybrid_overlay(paths, order):
     assert_close(vatom[:n], aw, scale=np.abs(w).max())
 
 
-def test_nve_energy_conservation(mff3_path, tmp_path):
-    """NVE of a 64-atom Si crystal at 1 fs for 5 ps from 600 K (2+3-body model): total-energy
-    drift <= 1e-5 eV/ps per atom (measured ~1e-6), fluctuation < 3e-4 eV per atom."""
+@pytest.mark.parametrize("order", [3, "3e"])
+def test_nve_energy_conservation(paths, tmp_path, order):
+    """NVE of a 64-atom Si crystal at 1 fs for 5 ps from 600 K (2+3-body model, and with the
+    embedding term): total-energy drift <= 1e-5 eV/ps per atom (measured ~1e-6), fluctuation
+    < 3e-4 eV per atom."""
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
     data = write_data(tmp_path / "si64.data", atoms)
-    lmp = lammps(setup_lines("metal", data, mff3_path, ("Si", "C")) + [
+    lmp = lammps(setup_lines("metal", data, paths[order], ("Si", "C")) + [
         "velocity all create 600.0 4928459 mom yes rot no dist gaussian",
         "fix 1 all nve", "timestep 0.001", "thermo_style custom step temp pe ke etotal",
         "run 0"])
