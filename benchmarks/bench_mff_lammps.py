@@ -16,7 +16,8 @@ Parts (``--parts``, default all four), every comparison measured in the same run
     grid points, and run as ``pair_style table spline N`` + ``pair_coeff 1 1 X.table Si_Si R_c``:
     the same function, the same cutoff, the same point count (the initial energies per atom
     differ by the one-body e₀ only: recorded as a check). ``--si-model-3-timing`` adds the Si
-    2+3-body model (``--si-model-3``) to these runs. Target: mff / table ≤ 1.3.
+    2+3-body model (``--si-model-3``) to these runs, ``--si-model-embedding M`` a model with the
+    embedding term (the cost of F(ρ_i)). Target: mff / table ≤ 1.3.
 ``uf3``  mff 2+3-body vs ``pair_style uf3 3`` (the wheel's Nb.uf3: 2-body 8.0 Å, 3-body 4.0 Å)
     on a bcc Nb crystal (``--nb-cells`` 13: 4394 atoms, a = ``--nb-lattice`` 3.34 Å, where Nb.uf3
     has zero pressure). The mff model (``--nb-model``; default out/bench_mff/Nb_uf3_order3.gpff)
@@ -237,6 +238,10 @@ def part_table(args, doc) -> None:
     if args.si_model_3_timing:
         m3, _ = ensure_si_model(args.si_model_3, 3, args)
         styles.append(Style("mff-3body", setup, ["pair_style mff", f"pair_coeff * * {m3} Si"]))
+    if args.si_model_embedding:
+        name = f"mff-{read_meta(args.si_model_embedding)['order']}body+emb"
+        styles.append(Style(name, setup, ["pair_style mff",
+                                          f"pair_coeff * * {args.si_model_embedding} Si"]))
     print(f"== table: Si diamond {args.si_cells}³ cells, 2-body cutoff {cutoff:g} Å, "
           f"{n_points} points", flush=True)
     res = time_styles(styles, args)
@@ -710,6 +715,9 @@ def main(argv=None) -> int:
                     help="2+3-body Si mff model, for the exact part (trained if missing)")
     ap.add_argument("--si-model-3-timing", action="store_true",
                     help="also time the Si 2+3-body model in the table part")
+    ap.add_argument("--si-model-embedding", default=None,
+                    help="also time this Si model with the embedding term (e.g. "
+                    "out/mlearn/Si_order3e.gpff) in the table part")
     ap.add_argument("--nb-model", default=None,
                     help="Nb mff model, order 3, cutoffs 8.0/4.0 (default: train on Nb.uf3 frames)")
     ap.add_argument("--nb-frames", default=None, help="Nb training frames (default: generated)")

@@ -9,7 +9,9 @@ with independent zero-mean GP priors on g₂ (per unordered species pair, eqs. 5
 (S₃-symmetrised, eq. 5.37). With ``embedding=True`` the local energy gains an EAM-like many-body
 term F^{s_i}(ρ_i) of the density ρ_i = Σ_{j, r_ij < r_c} f_c(r_ij; r_c) exp(-β r_ij), with a
 squared-exponential GP prior on each F^s (an additive kernel, eq. 5.9 applied to the scalar
-descriptor ρ); it is mapped onto a 1-D spline like g₂. Observations are total energies and Cartesian force components of a
+descriptor ρ); it is mapped onto a 1-D spline like g₂.
+
+Observations are total energies and Cartesian force components of a
 random subset of atoms; the joint energy/force kernel matrix (eq. 5.14) is solved by Cholesky in
 float64, and the forces of the model are the exact -∂E/∂R of its energy (energy conserving).
 Orders 5 and "many" replace the local energy by a GP with a many-body kernel built on the 3-body
@@ -349,10 +351,8 @@ class NBodyGP:
                 out["pairsF"] = nk.Terms(r[p, None], code[p], f_row0 + local_t[atom], 0,
                                          -df[p, None] * J, (-f[p, None] * J)[:, :, None])
             if self.embedding:
-                out.update(self._embedding_terms(env, r, p if len(force_atoms) else None,
-                                                 atom if len(force_atoms) else None,
-                                                 J if len(force_atoms) else None,
-                                                 e_row, f_row0 + local_t))
+                jac = (p, atom, J) if len(force_atoms) else None
+                out.update(self._embedding_terms(env, r, jac, e_row, f_row0 + local_t))
         if self.order == 3 and env.n_triplets:
             q, code, w, dw, u, _ = self._triplets(env)
             if e_row is not None:
@@ -363,11 +363,12 @@ class NBodyGP:
                 out["tripF"] = nk.Terms(q[t], code[t], f_row0 + local_t[atom], 0, A, B)
         return out
 
-    def _embedding_terms(self, env, r, p, atom, J, e_row, f_row):
-        """Embedding terms of one frame: the energy functional Σ_i F(ρ_i) (group e_row, unless
-        None) and the force functionals -∂/∂R_a Σ_i F(ρ_i) = Σ_i (-∂ρ_i/∂R_a) F'(ρ_i) of the
-        atoms a of the pair-Jacobian entries (p, atom, J) (group f_row[a]; none when p is None).
-        One term per (centre i, atom a): the feature ρ_i, derivative weight -∂ρ_i/∂R_a."""
+    def _embedding_terms(self, env, r, jac, e_row, f_row):
+        """Embedding terms of one frame (pair distances r): the energy functional Σ_i F(ρ_i)
+        (group e_row, unless None) and the force functionals -∂/∂R_a Σ_i F(ρ_i) =
+        Σ_i (-∂ρ_i/∂R_a) F'(ρ_i) of the atoms a of the pair-Jacobian entries jac = (p, atom, J)
+        of :func:`pair_jacobian_terms` (group f_row[a]; none when jac is None). One term per
+        (centre i, atom a): the feature ρ_i, derivative weight -∂ρ_i/∂R_a."""
         dev = self.device
         sp = torch.as_tensor(env.species, device=dev)
         pi = torch.as_tensor(env.pair_i, device=dev)
@@ -377,7 +378,8 @@ class NBodyGP:
         if e_row is not None:
             out["embE"] = nk.Terms(rho[:, None], sp, torch.full_like(sp, e_row), 0,
                                    torch.ones(env.n_atoms, 1, dtype=torch.float64, device=dev))
-        if p is not None:
+        if jac is not None:
+            p, atom, J = jac
             key = pi[p] * env.n_atoms + atom                    # (centre, differentiated atom)
             uniq, inv = torch.unique(key, return_inverse=True)
             B = torch.zeros(len(uniq), 3, dtype=torch.float64, device=dev).index_add(
@@ -1219,8 +1221,8 @@ class NBodyGP:
             with the hyperparameters of each order.
         """
         out, detail = {}, {}
-        for order in orders:
-            m = self.copy(order=order)
+        for order in orders:           # the many-body orders have no embedding term
+            m = self.copy(order=order, embedding=self.embedding and order not in MANY_BODY_ORDERS)
             m.optimize(configs, **optimize_kwargs)
             out[order] = m._lml
             detail[str(order)] = m.hyperparameters
