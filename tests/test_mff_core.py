@@ -432,6 +432,7 @@ BAD_EMBEDDING_FILES = [
     (lambda m, t: m["embedding"].pop("density_decay"), "embedding: 'density_decay' is missing"),
     (lambda m, t: m["embedding"].update(density_decay=-0.5), "density_decay must be >= 0"),
     (lambda m, t: m["embedding"].update(density_decay="1"), "'density_decay' must be a number"),
+    (lambda m, t: m["embedding"].update(density_decay=200.0), "is too large (exp(-density_decay cutoff) underflows)"),
     (lambda m, t: m["embedding"].pop("tables"), "embedding: 'tables' must be a list"),
     (lambda m, t: m["embedding"]["tables"].pop(1), "no embedding table for species C"),
     (lambda m, t: m["embedding"]["tables"].append(dict(m["embedding"]["tables"][0])),

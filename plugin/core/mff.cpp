@@ -143,6 +143,24 @@ GPFF_INLINE void cutoff_fn(double r, double inner, double pi_d, double inv_d, do
   dfc = -0.5 * pi_d * m * s;
 }
 
+/* exp(x) for -0.35 * 2^M <= x <= 0 without a libm call (branch-free, vectorisable):
+ * e^x = (e^t)^(2^M) with t = x / 2^M, e^t by its Taylor polynomial through t^13 (truncation
+ * below 1e-17 for |t| <= 0.35), then M squarings (relative error ~ 2^M ulp: 4e-15 for M = 5,
+ * 5e-13 for M = 11). */
+template <int M>
+GPFF_INLINE double exp_nonpositive(double x)
+{
+  static constexpr double C[14] = {
+      1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0,
+      1.0 / 40320.0, 1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0,
+      1.0 / 6227020800.0};
+  const double t = x * (1.0 / (1 << M));
+  double p = C[13];
+  for (int k = 12; k >= 0; --k) p = p * t + C[k];
+  for (int k = 0; k < M; ++k) p *= p;
+  return p;
+}
+
 //! value and derivative of a 1-D table in power form (poly: its 4 (n - 1) coefficients)
 GPFF_INLINE void spline1(double x0, double inv_h, double m_max, const double *poly, double x,
                          double &g, double &dg)
@@ -307,7 +325,8 @@ struct MFFModel::Impl {
         if (shared) basis(M.axis01_.x0, M.axis01_.inv_h, M.axis01_.m_max, rk, q.m, q.b, q.db);
       }
     }
-    if (!three || n3 < 2) return M.e0_[si] + e2;
+    const double eF = M.embedding_ ? embedding(M, si, n, d, f, ws) : 0.0;
+    if (!three || n3 < 2) return M.e0_[si] + e2 + eF;
 
     // ---- 3-body: every pair (A, B) of neighbours within r_c3 ----
     // the distances r_AB of A to every later B, and 1/r_AB, in SIMD lanes first
@@ -397,7 +416,52 @@ struct MFFModel::Impl {
       fa[1] += fay;
       fa[2] += faz;
     }
-    return M.e0_[si] + e2 + e3;
+    return M.e0_[si] + e2 + e3 + eF;
+  }
+
+  /* The embedding term F(rho_i) of a centre, and its forces -F'(rho_i) phi'(r_j) d_j / r_j
+   * added to f: densities and phi'(r)/r of all neighbours in SIMD lanes (beyond r_c masked). */
+  static GPFF_INLINE double embedding(const MFFModel &M, int si, int n, const double *d,
+                                      double *f, Workspace &ws)
+  {
+    // exp(-beta r) for r < r_c: beta r_c <= 700 (checked on loading) <= 0.35 * 2^11
+    const double rho = M.decay_ * M.rc2_ <= 0.35 * 32 ? density<5>(M, n, d, ws)
+                                                      : density<11>(M, n, d, ws);
+    const double *dphi = ws.dphi_.data();
+    const PairTable &T = M.embed_[si];
+    double F, dF;
+    spline1(T.ax.x0, T.ax.inv_h, T.ax.m_max, M.poly_.data() + T.poly, rho, F, dF);
+#pragma omp simd
+    for (int k = 0; k < n; ++k) {
+      const double s = -dF * dphi[k];
+      f[3 * k] += s * d[3 * k];
+      f[3 * k + 1] += s * d[3 * k + 1];
+      f[3 * k + 2] += s * d[3 * k + 2];
+    }
+    return F;
+  }
+
+  //! rho_i = sum_j phi(r_j) of a centre, and phi'(r_j)/r_j in ws.dphi_ (0 beyond r_c)
+  template <int SQ>
+  static GPFF_INLINE double density(const MFFModel &M, int n, const double *d, Workspace &ws)
+  {
+    double *__restrict dphi = ws.dphi_.data();
+    const double inner = M.rc2_inner_, pi_d = M.pi_over_d_, inv_d = M.inv_d_;
+    const double rc2sq = M.rc2sq_, beta = M.decay_;
+    double rho = 0.0;
+#pragma omp simd reduction(+ : rho)
+    for (int k = 0; k < n; ++k) {
+      const double x = d[3 * k], y = d[3 * k + 1], z = d[3 * k + 2];
+      const double rsq = x * x + y * y + z * z;
+      const double inside = rsq < rc2sq ? 1.0 : 0.0;
+      const double r = std::sqrt(rsq < rc2sq ? rsq : rc2sq);
+      double fc, dfc;
+      cutoff_fn(r, inner, pi_d, inv_d, fc, dfc);
+      const double ex = inside * exp_nonpositive<SQ>(-beta * r);
+      rho += fc * ex;
+      dphi[k] = (dfc - beta * fc) * ex / r;
+    }
+    return rho;
   }
 
   //! MFFModel::pair_terms: square roots, divisions and cutoff functions in SIMD lanes (a loop
@@ -733,6 +797,9 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
     if (!it->is_object()) throw mf.error("embedding must be an object");
     decay_ = json_number(mf, *it, "density_decay", "embedding");
     if (!(decay_ >= 0.0)) throw mf.error("embedding: density_decay must be >= 0");
+    if (decay_ * rc2_ > 700.0)
+      throw mf.error("embedding: density_decay " + number_text(decay_) +
+                     " is too large (exp(-density_decay cutoff) underflows)");
     auto tables = it->find("tables");
     if (tables == it->end() || !tables->is_array())
       throw mf.error("embedding: 'tables' must be a list");
@@ -764,37 +831,7 @@ MFFModel::MFFModel(const std::string &path) : path_(path)
 double MFFModel::compute_centre(int si, int n, const int *sj, const double *d, double *f,
                                 Workspace &ws, bool pair_terms) const
 {
-  const double e = centre_fn_(*this, si, n, sj, d, f, ws, pair_terms);
-  return embedding_ ? e + embedding_term(si, n, d, f, ws) : e;
-}
-
-double MFFModel::embedding_term(int si, int n, const double *d, double *f, Workspace &ws) const
-{
-  // rho_i and phi'(r)/r per neighbour, then F(rho_i); force on j: -F'(rho_i) phi'(r) d_j / r
-  double *dphi = ws.dphi_.data();
-  const double pi_d = pi_over_d_, inv_d = inv_d_;
-  double rho = 0.0;
-  for (int k = 0; k < n; ++k) {
-    const double *dk = d + 3 * k;
-    const double rsq = dk[0] * dk[0] + dk[1] * dk[1] + dk[2] * dk[2];
-    dphi[k] = 0.0;
-    if (!(rsq < rc2sq_)) continue;
-    const double r = std::sqrt(rsq);
-    double fc, dfc;
-    cutoff_fn(r, rc2_inner_, pi_d, inv_d, fc, dfc);
-    const double ex = std::exp(-decay_ * r);
-    rho += fc * ex;
-    dphi[k] = (dfc - decay_ * fc) * ex / r;
-  }
-  const PairTable &T = embed_[si];
-  double F, dF;
-  spline1(T.ax.x0, T.ax.inv_h, T.ax.m_max, poly_.data() + T.poly, rho, F, dF);
-  for (int k = 0; k < n; ++k) {
-    const double s = -dF * dphi[k];
-    if (s == 0.0) continue;
-    for (int x = 0; x < 3; ++x) f[3 * k + x] += s * d[3 * k + x];
-  }
-  return F;
+  return centre_fn_(*this, si, n, sj, d, f, ws, pair_terms);
 }
 
 void MFFModel::pair_terms(int si, int n, const int *sj, const double *rsq, double *phi,

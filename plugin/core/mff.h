@@ -82,7 +82,6 @@ class MFFModel {
 
    private:
     friend struct MFFModel::Impl;
-    friend class MFFModel;
     //! a neighbour within r_c3: what the triplet loop reads, packed together
     struct Near {
       double d[3];           // displacement from the centre
@@ -205,8 +204,6 @@ class MFFModel {
   bool embedding_ = false;
   double decay_ = 0.0;
   std::vector<PairTable> embed_;
-  //! F(rho_i) of one centre added to eps_i, and its forces added to f (compute_centre)
-  double embedding_term(int si, int n, const double *d, double *f, Workspace &ws) const;
   //! all triplet tables share one grid on axes 0 and 1 (r_cj, r_ck): the per-neighbour basis
   //! on it is computed once per neighbour instead of once per triplet
   bool shared_axis_ = false;
