@@ -193,6 +193,7 @@ def _rewrite(src, dst, edit_meta=None, edit_tensors=None):
     (lambda m: m["embedding"]["tables"].pop(), None, "do not cover every species"),
     (lambda m: m["embedding"].pop("tables"), None, "list 'tables'"),
     (lambda m: m["embedding"].__setitem__("density_decay", -1), None, "density_decay"),
+    (lambda m: m["embedding"].__setitem__("density_decay", 200.0), None, "underflows"),
     (lambda m: m["embedding"]["tables"][0].__setitem__("species", ["Xx"]), None, "unknown species"),
     (lambda m: m["embedding"]["tables"].append(m["embedding"]["tables"][0]), None, "second table"),
     (None, lambda t: t.__setitem__("embedding_C", t["embedding_C"][:-1].copy()), "shape"),

@@ -268,9 +268,13 @@ def load_mff(path, meta, tensors):
         if not isinstance(emb, dict) or not isinstance(emb.get("tables"), list):
             raise ModelFileError(f"{path}: embedding must be an object with a list 'tables'")
         decay = emb.get("density_decay")
-        if not isinstance(decay, (int, float)) or not (np.isfinite(decay) and decay >= 0):
+        if (isinstance(decay, bool) or not isinstance(decay, (int, float))
+                or not (np.isfinite(decay) and decay >= 0)):
             raise ModelFileError(f"{path}: embedding: density_decay must be a number >= 0, "
                                  f"got {decay!r}")
+        if decay * float(meta["cutoff"]) > 700.0:       # as the C++ core
+            raise ModelFileError(f"{path}: embedding: density_decay {decay} is too large "
+                                 f"(exp(-density_decay cutoff) underflows)")
         for entry in emb["tables"]:
             if not isinstance(entry, dict):
                 raise ModelFileError(f"{path}: embedding tables must be objects")
