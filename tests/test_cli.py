@@ -145,7 +145,8 @@ def test_train_nbody_test_info_export(tmp_path, capsys):
     assert info["model"] == "mff" and info["species"] == ["Si"] and info["cutoff"] == 5.0
     assert info["provenance"]["n_envs"] == 20
     assert main(["export-table", str(model), "-o", str(tmp_path / "si.table")]) == 0
-    assert json.loads(capsys.readouterr().out)["keywords"] == ["Si_Si"]
+    out = json.loads(capsys.readouterr().out)
+    assert out["keywords"] == ["Si_Si"] and out["omitted_terms"] == []
     # the default --n-envs: what the budget allows after the search, here nothing beyond the
     # search's own 10 environments (the floor); the search itself stopped at its time limit
     assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", "--time-budget",
@@ -178,6 +179,8 @@ def test_train_nbody_test_info_export(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["embedding"]["density_decay"] == 1.5
     assert main(["test", str(model), str(data), "--json"]) == 0
     assert 0 < json.loads(capsys.readouterr().out)["force_mae"] < 1.0
+    assert main(["export-table", str(model), "-o", str(tmp_path / "e.table")]) == 0
+    assert json.loads(capsys.readouterr().out)["omitted_terms"] == ["embedding"]
     water = tmp_path / "h2o.extxyz"
     h2o = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
     h2o.calc = SinglePointCalculator(h2o, energy=0.0, forces=np.zeros((3, 3)))

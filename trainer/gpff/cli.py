@@ -172,8 +172,11 @@ def cmd_export_table(args) -> dict:
         raise ModelFileError(f"{args.model}: only mapped force fields (mff) have a 2-body table")
     output = args.output or os.path.splitext(os.fspath(args.model))[0] + ".table"
     keywords = write_pair_table(model, output, args.n_points, source=os.fspath(args.model))
+    # the terms of the model that a pair table cannot hold
+    omitted = (["3-body"] if model.order == 3 else []) + (
+        ["embedding"] if model.embedding_tables else [])
     info = {"table": output, "keywords": keywords, "cutoff": model.cutoff,
-            "energy_unit": model.energy_unit, "includes_3body": False}
+            "energy_unit": model.energy_unit, "includes_3body": False, "omitted_terms": omitted}
     print(json.dumps(info))
     return info
 
