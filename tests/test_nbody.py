@@ -547,6 +547,23 @@ def test_g3_on_grid_equals_pointwise(model3_mix):
     assert np.max(np.abs(ref)) > 1e-6
 
 
+def test_species_triplet_absent_from_training_maps_to_zero():
+    """A species triplet the training data never had (Kr; Kr, Kr: at most two Kr per cluster)
+    has the prior mean g₃ = 0, node by node and on the mapping grid; the model maps."""
+    from gpff.mapping import map_gp
+    data = label(random_clusters(8, (3, 5), ["Ar", "Kr"], seed=2), lj_energy)
+    m = NBodyGP(order=3, cutoff=RC, cutoff_3body=RC3, length_scale_2=0.4, sigma_2=0.5,
+                length_scale_3=0.8, sigma_3=0.2, sigma_energy=5e-3, sigma_force=2e-2,
+                progress=False).fit(data)
+    x = np.linspace(1.8, 3.0, 4)
+    assert not np.any(m.g3_on_grid("Kr", "Kr", "Kr", x, x, x))
+    assert not np.any(m.g3("Kr", "Kr", "Kr", x, x, x))
+    assert np.abs(m.g3_on_grid("Ar", "Kr", "Kr", x, x, x)).max() > 0
+    mapped = map_gp(m, n_points=60, n_points_3body=8)
+    coef, _ = mapped.triplet_tables[(1, 1, 1)]
+    assert not np.any(coef)
+
+
 def test_learns_lennard_jones(model2, lj_data):
     test = lj_data.subset(np.arange(20, 26))
     p = model2.predict(test)

@@ -1392,6 +1392,9 @@ class NBodyGP:
         if self.order != 3:
             raise ValueError(f"an order-{self.order!r} model has no triplet function g3")
         axes = [np.asarray(x, dtype=np.float64).reshape(-1) for x in (r_cj, r_ck, r_jk)]
+        code = int(nk.triple_code(*(self._species_index(s) for s in (c, j, k)), self.n_species))
+        if code not in self._tri_codes:          # a species triplet the training data never had:
+            return np.zeros([len(x) for x in axes])             # the prior mean, g₃ = 0
         m = self._means["3"]
         out = np.empty([len(x) for x in axes])
         inside = [np.zeros(len(x), dtype=bool) for x in axes]
@@ -1399,7 +1402,6 @@ class NBodyGP:
             lo, hi = m["range"]
             inside = [(x >= lo[a]) & (x <= hi[a]) for a, x in enumerate(axes)]
         if all(s.any() for s in inside):
-            code = int(nk.triple_code(*(self._species_index(s) for s in (c, j, k)), self.n_species))
             theta = m["theta"][self._tri_codes.index(code)]                     # (G, G, G)
             ell = torch.tensor(self.length_scale_3, dtype=torch.float64, device=self.device)
             P = [m["grid"].basis(torch.as_tensor(x[s], device=self.device), ell, axis=a)[0]
