@@ -27,7 +27,7 @@ import torch
 
 from .errors import DatasetError, SpeciesError
 
-__all__ = ["cutoff_function", "neighbor_pairs", "FrameEnvironment", "frame_environments",
+__all__ = ["cutoff_function", "density_function", "neighbor_pairs", "FrameEnvironment", "frame_environments",
            "pair_jacobian_terms", "triplet_jacobian_terms"]
 
 
@@ -48,6 +48,20 @@ def cutoff_function(r: torch.Tensor, cutoff: float, width: float):
     df = torch.where((x > 0) & (x < 1), -0.5 * math.pi / width * torch.sin(math.pi * x),
                      torch.zeros_like(r))
     return f, df
+
+
+def density_function(r: torch.Tensor, cutoff: float, width: float, decay: float):
+    """Contribution φ(r) = f_c(r; r_c) exp(-β r) of a neighbour at distance r to the embedding
+    density ρ_i = Σ_j φ(r_ij) of docs/mff.md, and its derivative.
+
+    Args:
+        r: distances (any shape), Å, torch tensor; cutoff: r_c, Å; width: d, Å; decay: β, 1/Å.
+    Returns:
+        (φ(r), φ'(r)) with the shape of r (φ' in 1/Å).
+    """
+    f, df = cutoff_function(r, cutoff, width)
+    e = torch.exp(-decay * r)
+    return f * e, (df - decay * f) * e
 
 
 def neighbor_pairs(atoms, cutoff: float):

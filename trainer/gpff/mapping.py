@@ -147,9 +147,12 @@ class MappedForceField:
             virial -= D[sel].T @ grad
 
     def _embedding_terms(self, s, i, j, d, D, energies, forces, virial):
-        fc, dfc = cutoff_function(d, self.cutoff, self.cutoff_width)
-        e = np.exp(-self.density_decay * d)
-        phi, dphi = fc * e, (dfc - self.density_decay * fc) * e
+        import torch
+
+        from .environments import density_function
+
+        phi, dphi = (x.numpy() for x in density_function(
+            torch.as_tensor(d), self.cutoff, self.cutoff_width, self.density_decay))
         rho = np.zeros(len(s))
         np.add.at(rho, i, phi)
         F, dF = np.zeros(len(s)), np.zeros(len(s))

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from . import nbody_kernels as nk
 from .data import Configurations
-from .environments import (FrameEnvironment, cutoff_function, frame_environments,
-                           pair_jacobian_terms, triplet_jacobian_terms, triplet_strain_terms)
+from .environments import (FrameEnvironment, cutoff_function, density_function,
+                           frame_environments, pair_jacobian_terms, triplet_jacobian_terms, triplet_strain_terms)
 from .errors import DatasetError, SpeciesError, TrainingError
 from .units import virial_to_stress
 
@@ -318,12 +318,13 @@ class NBodyGP:
             out.append(("kemb", "length_scale_embedding", "sigma_embedding"))
         return out
 
-    def density(self, r: torch.Tensor):
-        """Density contribution φ(r) = f_c(r; r_c) exp(-β r) of a neighbour at distance r (Å,
-        any shape) and its derivative φ'(r) (1/Å)."""
-        f, df = cutoff_function(r, self.cutoff, self.cutoff_width)
-        e = torch.exp(-self.density_decay * r)
-        return f * e, (df - self.density_decay * f) * e
+    def _densities(self, env, r):
+        """Embedding densities ρ (N,) of the atoms of a frame from its pair distances r (P,)
+        (differentiable in r), and φ'(r) (P,)."""
+        phi, dphi = density_function(r, self.cutoff, self.cutoff_width, self.density_decay)
+        rho = torch.zeros(env.n_atoms, dtype=torch.float64, device=r.device).index_add(
+            0, torch.as_tensor(env.pair_i, device=r.device), phi)
+        return rho, dphi
 
     # ------------------------------------------------------------------ observations
     def _frame_terms(self, env: FrameEnvironment, e_row, force_atoms, f_row0):
@@ -372,8 +373,7 @@ class NBodyGP:
         dev = self.device
         sp = torch.as_tensor(env.species, device=dev)
         pi = torch.as_tensor(env.pair_i, device=dev)
-        phi, dphi = self.density(r)
-        rho = torch.zeros(env.n_atoms, dtype=torch.float64, device=dev).index_add(0, pi, phi)
+        rho, dphi = self._densities(env, r)
         out = {}
         if e_row is not None:
             out["embE"] = nk.Terms(rho[:, None], sp, torch.full_like(sp, e_row), 0,
@@ -461,21 +461,21 @@ class NBodyGP:
                         ell_value, nk.POINTS_PER_ELL_3, self.device)
 
     # ------------------------------------------------------------------ kernel blocks
-    def _pair_design(self, obs: _Observations, grid, ell):
-        """2-body grid rows of all observations of `obs`: (n_rows, n_codes G)."""
-        parts = []
-        if obs.n_E:
-            parts.append(nk.design2(obs.pairsE, self._pair_codes, grid, ell))
-        if obs.n_F:
-            parts.append(nk.design2(obs.pairsF, self._pair_codes, grid, ell))
-        return torch.cat(parts) if parts else None
+    @staticmethod
+    def _kernel1(X: _Observations, Y: _Observations | None, terms: str, codes, grid, ell):
+        """Unit kernel of a 1-D function (g₂: terms "pairs"; F: "emb") between the observations
+        of X and Y (Y None: X with itself), by the grid rows (n_rows, n_codes G) of each."""
+        def design(obs):
+            parts = [nk.design2(getattr(obs, terms + kind), codes, grid, ell)
+                     for kind, n in (("E", obs.n_E), ("F", obs.n_F)) if n]
+            return torch.cat(parts)
+        PX = design(X)
+        PY = PX if Y is None else design(Y)
+        return grid.weight(ell) * (PX @ PY.T)
 
     def _kernel2(self, X: _Observations, Y: _Observations | None, ell, ell_value):
         """Unit 2-body kernel between the observations of X and Y (Y None: X with itself)."""
-        grid = self._grid2(ell_value)
-        PX = self._pair_design(X, grid, ell)
-        PY = PX if Y is None else self._pair_design(Y, grid, ell)
-        return grid.weight(ell) * (PX @ PY.T)
+        return self._kernel1(X, Y, "pairs", self._pair_codes, self._grid2(ell_value), ell)
 
     def _grid_embedding(self, lo: float, hi: float, ell_value):
         """Quadrature grid of the embedding kernel, exact for densities in [lo, hi]."""
@@ -495,15 +495,7 @@ class NBodyGP:
         and Y (Y None: X with itself); F^s independent per centre species s."""
         grid = self._grid_embedding(*self._density_range(X, *(() if Y is None else (Y,))),
                                     ell_value)
-        codes = list(range(self.n_species))
-
-        def design(obs):
-            parts = [nk.design2(t, codes, grid, ell) for t, n in ((obs.embE, obs.n_E),
-                                                                  (obs.embF, obs.n_F)) if n]
-            return torch.cat(parts)
-        PX = design(X)
-        PY = PX if Y is None else design(Y)
-        return grid.weight(ell) * (PX @ PY.T)
+        return self._kernel1(X, Y, "emb", list(range(self.n_species)), grid, ell)
 
     def _chunk_rows(self, size: int) -> int:
         """Rows per chunk of 3-body embeddings Z, S Z (two chunks of both are kept at once,
@@ -1432,17 +1424,14 @@ class NBodyGP:
         sp = torch.as_tensor(env.species, device=dev)
         E = torch.as_tensor(self._e0, dtype=torch.float64, device=dev)[sp].sum()
         g = env.tensors(dev, positions=R, strain=strain)
+        r = torch.linalg.norm(g["d2"], dim=1)
         if env.n_pairs:
-            r = torch.linalg.norm(g["d2"], dim=1)
             f, _ = cutoff_function(r, self.cutoff, self.cutoff_width)
             code = nk.pair_code(sp[torch.as_tensor(env.pair_i, device=dev)],
                                 sp[torch.as_tensor(env.pair_j, device=dev)], n)
             E = E + (f * self._g2_torch(r, code, direct)).sum()
         if self.embedding:
-            r = torch.linalg.norm(g["d2"], dim=1)
-            rho = torch.zeros(env.n_atoms, dtype=torch.float64, device=dev).index_add(
-                0, torch.as_tensor(env.pair_i, device=dev), self.density(r)[0])
-            E = E + self._embedding_torch(rho, sp, direct).sum()
+            E = E + self._embedding_torch(self._densities(env, r)[0], sp, direct).sum()
         if self.order == 3 and env.n_triplets:
             q = torch.stack([torch.linalg.norm(g["d_ij"], dim=1), torch.linalg.norm(g["d_ik"], dim=1),
                              torch.linalg.norm(g["d_jk"], dim=1)], dim=1)
