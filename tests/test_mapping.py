@@ -191,6 +191,7 @@ def _rewrite(src, dst, edit_meta=None, edit_tensors=None):
     (None, lambda t: t.__setitem__("pair_C_C", t["pair_C_C"][:-1].copy()), "shape"),
     (None, lambda t: t["triplet_Si_Si_Si"].__setitem__((0, 0, 0), np.nan), "NaN"),
     (lambda m: m["embedding"]["tables"].pop(), None, "do not cover every species"),
+    (lambda m: m["embedding"]["tables"].__setitem__(0, 3), None, "tables must be objects"),
     (lambda m: m["embedding"].pop("tables"), None, "list 'tables'"),
     (lambda m: m["embedding"].__setitem__("density_decay", -1), None, "density_decay"),
     (lambda m: m["embedding"].__setitem__("density_decay", 200.0), None, "underflows"),

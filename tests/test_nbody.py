@@ -886,3 +886,9 @@ def test_bad_input(model2, lj_data):
         NBodyGP(order=2).predict(at)
     with pytest.raises(ValueError, match="order"):
         NBodyGP(order=4)
+    with pytest.raises(ValueError, match="embedding term is for orders 2 and 3"):
+        NBodyGP(order="many", embedding=True)
+    with pytest.raises(ValueError, match="density_decay must be non-negative"):
+        NBodyGP(order=3, embedding=True, density_decay=-1.0)
+    with pytest.raises(ValueError, match="no embedding term"):
+        model2.embedding_function("Ar", [0.5])
