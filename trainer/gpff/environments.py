@@ -27,8 +27,8 @@ import torch
 
 from .errors import DatasetError, SpeciesError
 
-__all__ = ["cutoff_function", "density_function", "neighbor_pairs", "FrameEnvironment", "frame_environments",
-           "pair_jacobian_terms", "triplet_jacobian_terms"]
+__all__ = ["cutoff_function", "density_function", "neighbor_pairs", "FrameEnvironment",
+           "frame_environments", "pair_jacobian_terms", "triplet_jacobian_terms"]
 
 
 def cutoff_function(r: torch.Tensor, cutoff: float, width: float):

@@ -29,15 +29,21 @@ _MAX_POINTS_3D = 97          # per axis of the r_cj, r_ck axes (r_jk has about t
 _FD_STEP = 1e-5
 
 
+def _on_numpy(name: str, r, *args):
+    """gpff.environments.<name>(r, *args), a function of torch distances returning a value and
+    its derivative, applied to numpy distances r (any shape), Å."""
+    import torch
+
+    from . import environments
+
+    f, df = getattr(environments, name)(torch.as_tensor(np.asarray(r, dtype=np.float64)), *args)
+    return f.numpy(), df.numpy()
+
+
 def cutoff_function(r, cutoff: float, width: float):
     """Smooth cutoff f_c(r) and its derivative for numpy distances r (any shape), Å
     (gpff.environments.cutoff_function; docs/mff.md)."""
-    import torch
-
-    from .environments import cutoff_function as fc
-
-    f, df = fc(torch.as_tensor(np.asarray(r, dtype=np.float64)), cutoff, width)
-    return f.numpy(), df.numpy()
+    return _on_numpy("cutoff_function", r, cutoff, width)
 
 
 class MappedForceField:
@@ -147,12 +153,8 @@ class MappedForceField:
             virial -= D[sel].T @ grad
 
     def _embedding_terms(self, s, i, j, d, D, energies, forces, virial):
-        import torch
-
-        from .environments import density_function
-
-        phi, dphi = (x.numpy() for x in density_function(
-            torch.as_tensor(d), self.cutoff, self.cutoff_width, self.density_decay))
+        phi, dphi = _on_numpy("density_function", d, self.cutoff, self.cutoff_width,
+                              self.density_decay)
         rho = np.zeros(len(s))
         np.add.at(rho, i, phi)
         F, dF = np.zeros(len(s)), np.zeros(len(s))

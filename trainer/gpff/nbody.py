@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from . import nbody_kernels as nk
 from .data import Configurations
 from .environments import (FrameEnvironment, cutoff_function, density_function,
-                           frame_environments, pair_jacobian_terms, triplet_jacobian_terms, triplet_strain_terms)
+                           frame_environments, pair_jacobian_terms, triplet_jacobian_terms,
+                           triplet_strain_terms)
 from .errors import DatasetError, SpeciesError, TrainingError
 from .units import virial_to_stress
 
