@@ -70,6 +70,17 @@ def test_time_budget_must_be_one_positive_number(tmp_path, capsys, budget):
     assert not (tmp_path / "x.gpff").exists()
 
 
+@pytest.mark.parametrize("spec", ["Elastic", "Elastic:0", ":0.1", "Elastic::", "Elastic:x",
+                                  "Elastic:0.1:0.2:0.3"])
+def test_config_type_sigma_syntax(tmp_path, capsys, spec):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "nbody", "si.extxyz", "-o", str(tmp_path / "x.gpff"),
+              "--config-type-sigma", spec])
+    assert exc.value.code == 2
+    assert "--config-type-sigma" in capsys.readouterr().err
+    assert not (tmp_path / "x.gpff").exists()
+
+
 def test_species_mismatch(tmp_path, capsys, ethanol_model_path):
     with np.load(ETHANOL_TEST) as d:
         arrays = {k: d[k][:5] if k != "nuclear_charges" else d[k][::-1] for k in
@@ -167,6 +178,18 @@ def test_train_nbody_test_info_export(tmp_path, capsys):
     assert summary["fixed_hyperparameters"] == ["sigma_force"]
     assert summary["hyperparameters"]["sigma_force"] == pytest.approx(0.2)
     assert summary["hyperparameters"]["sigma_energy"] != pytest.approx(0.005)
+    # noise by config type (GAP's config_type_sigma), recorded in the model; a type the data
+    # lacks is refused
+    assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2",
+                 "--config-type-sigma", "Surface:0.001:", *fast]) == 0
+    assert json.loads(capsys.readouterr().out)["config_type_sigma"] == {"Surface": [0.001, None]}
+    assert main(["info", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"]["config_type_sigma"] == {
+        "Surface": [0.001, None]}
+    assert main(["train", "nbody", str(data), "-o", str(tmp_path / "no.gpff"), "--order", "2",
+                 "--config-type-sigma", "Elastic::0.01", *fast]) == 2
+    assert "['Elastic'] that no frame has" in capsys.readouterr().err
+    assert not (tmp_path / "no.gpff").exists()
     # the embedding term: optimised ℓ_ρ, σ_ρ; mapped onto a 1-D table the core evaluates
     assert main(["train", "nbody", str(data), "-o", str(model), "--order", "2", "--embedding",
                  "--density-decay", "1.5", *fast]) == 0

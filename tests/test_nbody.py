@@ -207,6 +207,9 @@ def test_load_configurations_real_files():
     assert all(a.pbc.all() for a in si.frames)
     sub = si.subset([5, 2])
     assert sub.indices.tolist() == [5, 2] and sub.energies[0] == si.energies[5]
+    counts = {t: si.config_types.count(t) for t in set(si.config_types)}
+    assert counts == {"AIMD-NVT": 90, "Vacancy": 57, "Elastic": 55, "Surface": 12}
+    assert sub.config_types == [si.config_types[5], si.config_types[2]]
     ni = load_configurations(NI19)
     assert ni.energies is None and ni.n_frames == 792 and ni.forces[0].shape == (19, 3)
     assert not ni.frames[0].pbc.any()
@@ -865,6 +868,56 @@ def test_forces_only_training_and_summary():
     s = m.summary()
     assert s["model"] == "mff" and s["species"] == ["Ar"] and s["provenance"]["n_force_envs"] == 10
     assert s["hyperparameters"]["log_marginal_likelihood"] == m.log_marginal_likelihood().item()
+
+
+def _typed(data, types):
+    return Configurations.from_frames(data.frames, data.energies, data.forces, config_types=types)
+
+
+def test_config_type_sigma_sets_the_noise_of_its_frames(lj_data):
+    """Frames of a config type get that type's σ_E / σ_F (GAP's config_type_sigma): the noise
+    diagonal carries them, the marginal likelihood does not depend on the global σ there, and a
+    tight σ_E makes the GP reproduce those training energies."""
+    data = lj_data.subset(np.arange(8))
+    types = ["md"] * 6 + ["ref", None]
+    kw = dict(order=2, cutoff=RC, length_scale_2=0.26, sigma_2=6.0, sigma_energy=0.3,
+              sigma_force=1e-2, progress=False)
+    plain = NBodyGP(**kw).fit(_typed(data, types), n_envs=12)
+    typed = NBodyGP(**kw, config_type_sigma={"ref": 1e-6, "md": (None, 0.05)}).fit(
+        _typed(data, types), n_envs=12)
+    obs = typed._train
+    D = typed._noise_diag(obs, 0.3, 1e-2).numpy()
+    n_atoms = np.array([len(a) for a in data.frames])
+    assert np.allclose(D[:8], np.where(np.arange(8) == 6, n_atoms * 1e-6, n_atoms * 0.3) ** 2,
+                       rtol=1e-14, atol=0)
+    fsig = np.where(obs.force_index[:, 0] < 6, 0.05, 1e-2).repeat(3)
+    assert np.allclose(D[8:], fsig ** 2) and np.any(obs.force_index[:, 0] >= 6)
+    # the typed rows do not move with the global σ (no gradient through them)
+    s = torch.tensor([0.3, 1e-2], dtype=torch.float64, requires_grad=True)
+    g = torch.autograd.grad(typed._noise_diag(obs, s[0], s[1]).sum(), s)[0]
+    rows_e = [k for k in range(8) if types[k] not in ("ref",)]
+    assert np.isclose(g[0].item(), 2 * 0.3 * (n_atoms[rows_e] ** 2).sum())
+    assert np.isclose(g[1].item(), 2 * 1e-2 * 3 * (obs.force_index[:, 0] >= 6).sum())
+    # a tight σ_E fits that frame's energy; the global σ_E does not
+    fit = lambda m: m.predict(data.frames[6])["energy"] - data.energies[6]
+    assert abs(fit(typed)) < 1e-4 < abs(fit(plain))
+    assert typed.summary()["config_type_sigma"] == {"ref": [1e-6, None], "md": [None, 0.05]}
+    assert typed.copy().config_type_sigma == typed.config_type_sigma
+
+
+def test_config_type_sigma_errors(lj_data):
+    data = lj_data.subset(np.arange(4))
+    with pytest.raises(gpff.DatasetError, match=r"config type\(s\) \['Elastc'\] that no frame has"):
+        NBodyGP(order=2, cutoff=RC, config_type_sigma={"Elastc": 1e-3}, progress=False).fit(
+            _typed(data, ["Elastic"] * 4))
+    with pytest.raises(gpff.DatasetError, match="the frames' info\\['config_type'\\]: none"):
+        NBodyGP(order=2, cutoff=RC, config_type_sigma={"Elastic": 1e-3}, progress=False).optimize(
+            data, max_iter=1)
+    for bad in (0.0, -1.0, float("nan"), "x", (None, None), (1e-3, 2e-3, 1.0)):
+        with pytest.raises(ValueError, match="config_type_sigma"):
+            NBodyGP(order=2, config_type_sigma={"Elastic": bad})
+    with pytest.raises(gpff.DatasetError, match="3 config types for 4 frames"):
+        _typed(data, ["a", "b", "c"])
 
 
 def test_bad_input(model2, lj_data):

@@ -43,6 +43,17 @@ def _positive(text: str) -> float:
     return values[0]
 
 
+def _type_sigma_option(text: str):
+    """``TYPE:SIGMA_E[:SIGMA_F]`` (argparse type) -> (TYPE, (σ_E or None, σ_F or None))."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0]:
+        raise argparse.ArgumentTypeError(f"expected TYPE:SIGMA_E[:SIGMA_F], got {text!r}")
+    sigmas = [None if not v.strip() else _positive(v) for v in parts[1:]] + [None]
+    if sigmas[0] is None and sigmas[1] is None:
+        raise argparse.ArgumentTypeError(f"no noise level in {text!r}")
+    return parts[0], tuple(sigmas[:2])
+
+
 def cmd_train_sgdml(args) -> dict:
     from .data import load_dataset, split_indices
     from .errors import DatasetError, TrainingError
@@ -122,6 +133,7 @@ def cmd_train_nbody(args) -> dict:
                     cutoff_width=args.cutoff_width,
                     embedding=order == 3 if args.embedding is None else args.embedding,
                     density_decay=args.density_decay, device=args.device,
+                    config_type_sigma=dict(args.config_type_sigma or ()),
                     progress=not args.quiet, **options)
     start = time.perf_counter()
     budget = 60.0 * args.time_budget
@@ -151,6 +163,8 @@ def cmd_train_nbody(args) -> dict:
                          "n_envs": int(len(model.force_envs)), "n_envs_rule": rule,
                          "fixed_hyperparameters": (model.hyperparameter_names if args.no_optimize
                                                    else model.provenance["optimization"]["fixed"]),
+                         "config_type_sigma": {t: list(v) for t, v in
+                                               model.config_type_sigma.items()},
                          "seed": args.seed,
                          "train_seconds": round(fit_seconds, 1),
                          "total_seconds": round(time.perf_counter() - start, 1)}
@@ -331,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--sigma-force", type=float,
                     help="force noise per component, energy unit/Å (default: optimised, from 0.1; "
                     "0.1 with --no-optimize)")
+    nb.add_argument("--config-type-sigma", type=_type_sigma_option, action="append",
+                    metavar="TYPE:SIGMA_E[:SIGMA_F]",
+                    help="noise of the frames whose info['config_type'] is TYPE (GAP's "
+                    "config_type_sigma): energy per atom and, optionally, force (empty: the "
+                    "global value); fixed, not optimised; repeatable. E.g. Elastic:0.001 fits "
+                    "the strained crystals (lattice constant, elastic moduli) to 1 meV/atom")
     nb.add_argument("--optimize-noise", action="store_true",
                     help="also optimise --sigma-energy by marginal likelihood (often trades the "
                     "energies away: σ_E grows to tens of meV/atom)")

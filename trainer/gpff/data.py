@@ -212,6 +212,9 @@ class Configurations:
         energy_unit: unit name (see :mod:`gpff.units`); "eV" for ASE formats.
         path: file the frames came from; sha256: its SHA-256 (hex).
         indices: (n,) indices of the frames in the file (set by :meth:`subset`).
+        config_types: (n,) list of each frame's configuration type (str, or None where the
+            frame has none), from ``info['config_type']`` as in GAP's training files; None when
+            no frame has one. :class:`gpff.nbody.NBodyGP` can give each type its own noise.
     """
 
     frames: list
@@ -221,6 +224,7 @@ class Configurations:
     path: str = ""
     sha256: str = ""
     indices: np.ndarray | None = field(default=None, repr=False)
+    config_types: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -246,7 +250,9 @@ class Configurations:
         return Configurations([self.frames[k] for k in idx],
                               None if self.energies is None else self.energies[idx],
                               None if self.forces is None else [self.forces[k] for k in idx],
-                              self.energy_unit, self.path, self.sha256, base[idx])
+                              self.energy_unit, self.path, self.sha256, base[idx],
+                              None if self.config_types is None
+                              else [self.config_types[k] for k in idx])
 
     def validate(self) -> "Configurations":
         """Check shapes, finiteness and units; raise DatasetError naming the file and the problem."""
@@ -283,6 +289,11 @@ class Configurations:
                     raise DatasetError(f"{where}: forces contain NaN or inf in frame {k}")
                 forces.append(f)
             self.forces = forces
+        if self.config_types is not None:
+            if len(self.config_types) != self.n_frames:
+                raise DatasetError(f"{where}: {len(self.config_types)} config types for "
+                                   f"{self.n_frames} frames")
+            self.config_types = [None if c is None else str(c) for c in self.config_types]
         try:
             check_energy_unit(self.energy_unit)
         except UnitError as err:
@@ -291,16 +302,25 @@ class Configurations:
 
     @classmethod
     def from_frames(cls, frames, energies=None, forces=None, energy_unit: str = "eV",
-                    path: str = "") -> "Configurations":
+                    path: str = "", config_types=None) -> "Configurations":
         """Validated configurations from in-memory ``ase.Atoms`` (copied without calculators),
-        energies (n,) and forces (list of (N_c, 3)). Raises DatasetError like the file reader."""
+        energies (n,), forces (list of (N_c, 3)) and config types ((n,) str or None; default:
+        each frame's ``info['config_type']``). Raises DatasetError like the file reader."""
         from ase import Atoms
 
         clean = [Atoms(numbers=at.numbers, positions=at.positions, cell=at.cell, pbc=at.pbc)
                  for at in frames]
         return cls(clean, None if energies is None else np.asarray(energies, dtype=np.float64),
                    None if forces is None else [np.asarray(f, dtype=np.float64) for f in forces],
-                   energy_unit, path).validate()
+                   energy_unit, path,
+                   config_types=_config_types(frames) if config_types is None
+                   else list(config_types)).validate()
+
+
+def _config_types(frames):
+    """Each frame's ``info['config_type']`` (None where missing), or None when no frame has one."""
+    types = [at.info.get("config_type") for at in frames]
+    return None if all(t is None for t in types) else types
 
 
 def _frame_energy(at):
@@ -331,7 +351,8 @@ def load_configurations(path: str | os.PathLike, energy_unit: str | None = None)
     """Read frames of any composition and size from a file ASE reads (extxyz, xyz, ...).
 
     Energies come from the frame's calculator or ``info['energy']``, forces from the calculator,
-    ``arrays['forces']`` or ``arrays['force']``. Periodic cells of any shape and clusters without
+    ``arrays['forces']`` or ``arrays['force']``, the configuration type from
+    ``info['config_type']`` (GAP's convention; optional). Periodic cells of any shape and clusters without
     a cell are both fine.
 
     Args:
@@ -363,4 +384,5 @@ def load_configurations(path: str | os.PathLike, energy_unit: str | None = None)
                                f"{missing[:10]}")
     e = None if energies[0] is None else np.array(energies, dtype=np.float64)
     f = None if forces[0] is None else forces
-    return Configurations(frames, e, f, energy_unit or "eV", path, _sha256(path)).validate()
+    return Configurations(frames, e, f, energy_unit or "eV", path, _sha256(path),
+                          config_types=_config_types(raw)).validate()

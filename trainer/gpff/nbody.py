@@ -121,6 +121,27 @@ class _LengthScaleKernel(torch.autograd.Function):
         return (dK * grad).sum((1, 2)), None
 
 
+def _config_type_sigma(spec) -> dict:
+    """{type: (σ_E or None, σ_F or None)} from NBodyGP's `config_type_sigma` argument."""
+    out = {}
+    for name, value in (spec or {}).items():
+        pair = tuple(value) if isinstance(value, (tuple, list)) else (value, None)
+        if len(pair) != 2 or all(v is None for v in pair):
+            raise ValueError(f"config_type_sigma[{name!r}] must be σ_E or (σ_E, σ_F), got {value!r}")
+        values = []
+        for label, v in zip(("σ_E", "σ_F"), pair):
+            try:
+                v = None if v is None else float(v)
+            except (TypeError, ValueError):
+                v = math.nan
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"config_type_sigma[{name!r}]: {label} must be a positive "
+                                 f"number, got {pair[len(values)]!r}")
+            values.append(v)
+        out[str(name)] = tuple(values)
+    return out
+
+
 class _Observations:
     """Terms of a set of observations: energy rows (frames) then force rows (3 per env atom)."""
 
@@ -132,6 +153,8 @@ class _Observations:
         self.energy_frames = np.zeros(0, dtype=int)   # frame index of each energy row
         self.n_atoms_E = np.zeros(0)                  # atoms of each energy row
         self.force_index = np.zeros((0, 2), dtype=int)  # (frame, atom) of each force env
+        self.energy_noise = None   # (n_E,) σ_E of the row's config type, NaN: the global σ_E
+        self.force_noise = None    # (n_F,) σ_F likewise
 
     @property
     def n_rows(self) -> int:
@@ -204,6 +227,13 @@ class NBodyGP:
         sigma_energy: noise of the energy per atom (energy unit); a total energy of N atoms has
             noise N σ_E.
         sigma_force: noise of a force component (energy unit/Å).
+        config_type_sigma: noise levels of frames by configuration type (GAP's
+            ``config_type_sigma``; :attr:`gpff.data.Configurations.config_types`): {type: σ_E}
+            or {type: (σ_E, σ_F)}, σ_E per atom and σ_F as above, either of a pair None to keep
+            the global value. They are fixed: the marginal-likelihood search tunes only the
+            global σ_E / σ_F of the other frames. E.g. {"Elastic": 0.001} holds the
+            near-equilibrium strained crystals that set the lattice constant and elastic moduli
+            to 1 meV/atom while the MD frames keep 5.
         kernel_method: "auto" (default), "grid" or "direct": how the 3-body energy-energy and
             energy-force blocks are computed (exact quadrature or direct sums; they agree to
             ~1e-12, "auto" picks the cheaper).
@@ -224,6 +254,7 @@ class NBodyGP:
                  embedding: bool = False, density_decay: float = 1.0,
                  length_scale_embedding: float = 0.1, sigma_embedding: float = 0.1,
                  sigma_energy: float = 0.002, sigma_force: float = 0.05,
+                 config_type_sigma: dict | None = None,
                  kernel_method: str = "auto", device: str = "cpu", progress: bool = True):
         if order not in ORDERS:
             raise ValueError(f"order must be one of 2, 3, 5, 'many', got {order!r}")
@@ -249,6 +280,7 @@ class NBodyGP:
             raise ValueError(f"density_decay must be non-negative, got {density_decay}")
         if kernel_method not in KERNEL_METHODS:
             raise ValueError(f"kernel_method must be one of {KERNEL_METHODS}, got {kernel_method!r}")
+        self.config_type_sigma = _config_type_sigma(config_type_sigma)
         self.order = order
         self.cutoff = float(cutoff)
         self.cutoff_3body = r3 if uses3 else None
@@ -631,9 +663,20 @@ class NBodyGP:
                    for name, ell, sig in self._additive_kernels())
 
     def _noise_diag(self, obs, sigma_energy, sigma_force):
+        """Diagonal noise variances of the rows of `obs`: (N σ_E)² per energy row, σ_F² per force
+        row, with the σ of the row's config type where :attr:`config_type_sigma` sets one."""
         dev = self.device
-        e = torch.as_tensor(obs.n_atoms_E, dtype=torch.float64, device=dev) * sigma_energy
-        f = torch.ones(3 * obs.n_F, dtype=torch.float64, device=dev) * sigma_force
+
+        def per_row(sigma, typed, n):
+            s = torch.ones(n, dtype=torch.float64, device=dev) * sigma
+            if typed is None:
+                return s
+            typed = torch.as_tensor(typed, dtype=torch.float64, device=dev)
+            return torch.where(torch.isnan(typed), s, typed)
+
+        e = torch.as_tensor(obs.n_atoms_E, dtype=torch.float64, device=dev) * per_row(
+            sigma_energy, obs.energy_noise, obs.n_E)
+        f = per_row(sigma_force, obs.force_noise, obs.n_F).repeat_interleave(3)
         return torch.cat([e * e, f * f])
 
     # ------------------------------------------------------------------ many-body kernel
@@ -955,6 +998,12 @@ class NBodyGP:
         if len(energy_frames) + len(force_index) == 0:
             raise DatasetError(f"{where}: no observations (no energies and n_envs = 0)")
         obs = self._observations(envs, energy_frames, force_index)
+        if self.config_type_sigma:
+            types = configs.config_types
+            sig = np.array([self.config_type_sigma.get(t, (None, None)) for t in types],
+                           dtype=float).reshape(-1, 2)          # None -> NaN: the global σ
+            obs.energy_noise = sig[obs.energy_frames, 0]
+            obs.force_noise = sig[obs.force_index[:, 0], 1]
         self.force_envs = obs.force_index.copy()
         self.density_range = self._density_range(obs) if self.embedding else None
         # shortest training distance and the species in use
@@ -1064,6 +1113,17 @@ class NBodyGP:
             parts.append(nk.contract_components(TF, aF))
         return parts
 
+    def _check_config_types(self, configs: Configurations):
+        """Raise DatasetError when :attr:`config_type_sigma` names a type no frame has."""
+        if not self.config_type_sigma:
+            return
+        have = sorted({t for t in configs.config_types or () if t is not None})
+        missing = sorted(set(self.config_type_sigma) - set(have))
+        if missing:
+            raise DatasetError(f"{configs.path or '<configurations>'}: config_type_sigma names "
+                               f"config type(s) {missing} that no frame has (the frames' "
+                               f"info['config_type']: {have or 'none'})")
+
     @_numerics
     def fit(self, configs: Configurations, n_envs: int | None = None, seed: int = 0) -> "NBodyGP":
         """Train on all total energies and the forces of `n_envs` random atoms of `configs`.
@@ -1077,10 +1137,12 @@ class NBodyGP:
         Returns:
             self.
         Raises:
-            DatasetError: invalid data; SpeciesError: inconsistent elements;
+            DatasetError: invalid data, or a config type of :attr:`config_type_sigma` that no
+            frame has; SpeciesError: inconsistent elements;
             TrainingError: kernel matrix not positive definite.
         """
         t0 = time.perf_counter()
+        self._check_config_types(configs)
         self._prepare(configs, n_envs, seed)
         _log(self.progress, f"n-body GP (order {self.order}): {self._train.n_E} energies, "
                             f"{self._train.n_F} force environments, {self._train.n_rows} observations")
@@ -1118,6 +1180,7 @@ class NBodyGP:
             when the optimiser ended, or "time limit") and the seconds and rows of the final
             solve ("solve_seconds", "n_rows"), from which :func:`n_envs_within` extrapolates.
         """
+        self._check_config_types(configs)
         if n_frames is not None and n_frames < len(configs):
             pick = np.sort(np.random.default_rng(seed).choice(len(configs), int(n_frames), replace=False))
             configs = configs.subset(pick)
@@ -1230,7 +1293,8 @@ class NBodyGP:
                   length_scale_many=self.length_scale_many, sigma_many=self.sigma_many,
                   embedding=self.embedding, density_decay=self.density_decay,
                   length_scale_embedding=self.length_scale_embedding,
-                  sigma_embedding=self.sigma_embedding, sigma_energy=self.sigma_energy, sigma_force=self.sigma_force,
+                  sigma_embedding=self.sigma_embedding, sigma_energy=self.sigma_energy,
+                  sigma_force=self.sigma_force, config_type_sigma=self.config_type_sigma,
                   kernel_method=self.kernel_method, device=str(self.device), progress=self.progress)
         kw.update(changes)
         if kw["order"] in (3, *MANY_BODY_ORDERS) and kw["cutoff_3body"] is None:
@@ -1568,4 +1632,5 @@ class NBodyGP:
                 "density_range": self.density_range,
                 "energy_offsets": dict(self.energy_offsets), "r_min": self.r_min,
                 "hyperparameters": self.hyperparameters, "kernel_method": self.kernel_method,
+                "config_type_sigma": {t: list(v) for t, v in self.config_type_sigma.items()},
                 "provenance": copy.deepcopy(self.provenance)}
