@@ -258,7 +258,7 @@ def test_nve_energy_conservation(paths, tmp_path, order):
 def test_example_si_nve_with_shipped_potential(tmp_path):
     """examples/si_mff/in.si with potentials/Si_mlearn_3body.gpff (the trained mlearn Si model):
     512 atoms, 1 fs, 5 ps NVE from 300 K through the `lmp` launcher; total-energy drift
-    <= 1e-5 eV/ps per atom (measured 5e-7), temperature near 300 K, stable crystal."""
+    <= 1e-5 eV/ps per atom (measured 4e-7), temperature near 300 K, stable crystal."""
     root = os.path.join(os.path.dirname(__file__), "..")
     model = os.path.join(root, "potentials", "Si_mlearn_3body.gpff")
     log = tmp_path / "log.lammps"
