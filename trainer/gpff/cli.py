@@ -163,8 +163,7 @@ def cmd_train_nbody(args) -> dict:
                          "n_envs": int(len(model.force_envs)), "n_envs_rule": rule,
                          "fixed_hyperparameters": (model.hyperparameter_names if args.no_optimize
                                                    else model.provenance["optimization"]["fixed"]),
-                         "config_type_sigma": {t: list(v) for t, v in
-                                               model.config_type_sigma.items()},
+                         "config_type_sigma": model.summary()["config_type_sigma"],
                          "seed": args.seed,
                          "train_seconds": round(fit_seconds, 1),
                          "total_seconds": round(time.perf_counter() - start, 1)}

@@ -129,14 +129,14 @@ def _config_type_sigma(spec) -> dict:
         if len(pair) != 2 or all(v is None for v in pair):
             raise ValueError(f"config_type_sigma[{name!r}] must be σ_E or (σ_E, σ_F), got {value!r}")
         values = []
-        for label, v in zip(("σ_E", "σ_F"), pair):
+        for label, raw in zip(("σ_E", "σ_F"), pair):
             try:
-                v = None if v is None else float(v)
+                v = None if raw is None else float(raw)
             except (TypeError, ValueError):
                 v = math.nan
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"config_type_sigma[{name!r}]: {label} must be a positive "
-                                 f"number, got {pair[len(values)]!r}")
+                                 f"number, got {raw!r}")
             values.append(v)
         out[str(name)] = tuple(values)
     return out
