@@ -24,8 +24,8 @@ Methods (``--methods``, default all three):
     (solver "auto" by default).
 ``gpff-best``
     requirement (b), gpff's defaults: ``gpff.sgdml.train_sgdml(train, sigmas=None,
-    solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (kernel/σ/p
-    grid, then gradient σ/p, then λ, on hold-out *training* frames, gpff.hyperopt), energies on, then a
+    solver="auto", max_memory=--gpff-max-memory)`` — the hyperparameter search (descriptor,
+    kernel/σ/p grid, then gradient σ/p, then λ, on hold-out *training* frames, gpff.hyperopt), energies on, then a
     refit on all frames; what ``gpff train sgdml DATA -o M`` does. The chosen σ, p and the search are recorded.
 
 σ for ``sgdml`` and ``gpff-same``: ``--sigma`` (default 10) or ``--sigma-per-molecule
@@ -198,7 +198,8 @@ solver = {k: v for k, v in prov.get("solver", {}).items() if k != "inducing"}
 info = {"version": gpff.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "train_seconds": t_train, "refit_seconds": prov.get("train_seconds"),
         "predict_seconds": t_pred, "n_train": int(model.n_train), "n_perms": int(len(model.perms)),
-        "sigma": float(model.sigma), "p": float(model.p), "kernel": model.kernel,
+        "sigma": float(model.sigma), "descriptor": model.descriptor,
+        "p": float(model.p) if model.descriptor == "inverse_distance" else None, "kernel": model.kernel,
         "use_energies": bool(model.use_energies), "lam": float(model.lam), "solver": solver,
         "max_memory_gb": cfg["max_memory"], "solver_option": cfg["solver"],
         "model": cfg["model_out"]}
@@ -334,7 +335,7 @@ def print_table(doc: dict, kcal: bool = False) -> None:
           f"training process, load = 1-min load average at start")
     hdr = (f"{'molecule':<14}{'method':<11}{'n':>5}{'F MAE':>8}{'E MAE':>8}"
            + (f"{'F kcal':>9}{'E kcal':>9}" if kcal else "")
-           + f"{'FCHL19':>8}{'train s':>9}{'RSS GB':>8}{'load':>6}{'σ':>8}{'p':>7}{'kernel':>9}{'E?':>4}"
+           + f"{'FCHL19':>8}{'train s':>9}{'RSS GB':>8}{'load':>6}{'σ':>8}{'p/desc':>7}{'kernel':>9}{'E?':>4}"
            f"{'sym':>5}  solver")
     print(hdr)
     print("-" * len(hdr))
@@ -350,7 +351,8 @@ def print_table(doc: dict, kcal: bool = False) -> None:
                      else f"{'':>8}")
                   + f"{r['train_seconds']:>9.1f}{r['peak_rss_bytes'] / 1e9:>8.2f}"
                   f"{(f'{load:.1f}' if load is not None else '?'):>6}{r['sigma']:>8.3g}"
-                  f"{r.get('p', 1.0):>7.3g}{r.get('kernel', 'matern52'):>9}"
+                  + (f"{r['p']:>7.3g}" if r.get("p", 1.0) is not None else f"{'fchl19':>7}")
+                  + f"{r.get('kernel', 'matern52'):>9}"
                   f"{('y' if r.get('use_energies') else 'n'):>4}"
                   f"{r.get('n_perms', 0):>5d}  {_solver_str(r.get('solver'))}")
     print()

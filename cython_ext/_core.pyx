@@ -33,6 +33,8 @@ cdef extern from "sgdml.h" nogil:
         int n_train()
         double sigma()
         const string &kernel()
+        const string &descriptor()
+        int n_desc()
         double descriptor_exponent()
         bint has_energy_coefficients()
         double integration_constant()
@@ -238,7 +240,7 @@ cdef class SGDMLModel:
 
     @property
     def sigma(self) -> float:
-        """Kernel length scale sigma (descriptor units, Å^-p)."""
+        """Kernel length scale sigma (descriptor units: Å^-p for the inverse distance)."""
         return self._model.sigma()
 
     @property
@@ -247,8 +249,19 @@ cdef class SGDMLModel:
         return _text(self._model.kernel())
 
     @property
+    def descriptor(self) -> str:
+        """Descriptor of the molecule: "inverse_distance" or "fchl19" (global FCHL19)."""
+        return _text(self._model.descriptor())
+
+    @property
+    def n_desc(self) -> int:
+        """D, number of descriptor entries: N(N-1)/2 (inverse distance), N*nrep (fchl19)."""
+        return self._model.n_desc()
+
+    @property
     def descriptor_exponent(self) -> float:
-        """p of the inverse-distance descriptor x_ij = 1/r_ij^p (1 when the file omits it)."""
+        """p of the inverse-distance descriptor x_ij = 1/r_ij^p (1 when the file omits it, and
+        for the fchl19 descriptor, which has none)."""
         return self._model.descriptor_exponent()
 
     @property
@@ -274,7 +287,8 @@ cdef class SGDMLModel:
         Returns (energy: float, forces: ndarray (N, 3), virial: ndarray (6,)), in the model's
         energy unit (forces per Å); virial W = sum_i r_i (x) F_i, order xx yy zz xy xz yz.
         Raises SpeciesError for a wrong number of atoms, ValueError for any other wrong shape,
-        non-finite positions or coincident atoms. Runs without the GIL.
+        non-finite positions, coincident atoms or (fchl19 descriptor) three collinear atoms
+        within the three-body cutoff. Runs without the GIL.
         """
         cdef int n = self._model.n_atoms()
         arr = np.ascontiguousarray(positions, dtype=np.float64)

@@ -9,7 +9,7 @@ import torch
 
 from gpff.ad_kernels import (MATERN52, RBF, ADTrainingKernel, ScalarKernel, ad_evaluate,
                              get_scalar_kernel, matern52_scalar)
-from gpff.descriptor import inverse_distance_jacobian
+from gpff.descriptor import InverseDistance, inverse_distance_jacobian
 from gpff.kernels import get_kernel, matern52
 from gpff.sgdml_kernel import TrainingKernel, evaluate
 from gpff.symmetry import find_permutations
@@ -40,8 +40,8 @@ def frames(ethanol_train):
 
 def _pair(frames, kernel, sigma, p, use_energies):
     _, R, perms = frames
-    fast = TrainingKernel(R, perms, get_kernel(kernel.name), sigma, p, 1e-8, use_energies, block=5)
-    ad = ADTrainingKernel(R, perms, kernel, sigma, p, 1e-8, use_energies, block=5)
+    fast = TrainingKernel(R, perms, get_kernel(kernel.name), sigma, InverseDistance(p), 1e-8, use_energies, block=5)
+    ad = ADTrainingKernel(R, perms, kernel, sigma, InverseDistance(p), 1e-8, use_energies, block=5)
     return fast, ad
 
 
@@ -84,8 +84,8 @@ def test_ad_evaluate_matches_evaluate(frames, ethanol_test, kernel, sigma, p, wi
     beta = torch.randn(R.shape[0], generator=g, dtype=torch.float64) if with_beta else None
     Rq = torch.as_tensor(ethanol_test.R[:5])
     Rq = torch.cat([Rq, R[:2]])                    # training geometries too: d = 0 for one term
-    E, F = evaluate(Rq, xm, vm, beta, perms, get_kernel(kernel.name), sigma, p)
-    Ead, Fad = ad_evaluate(Rq, xm, vm, beta, perms, kernel, sigma, p, batch=3)
+    E, F = evaluate(Rq, xm, vm, beta, perms, get_kernel(kernel.name), sigma, InverseDistance(p))
+    Ead, Fad = ad_evaluate(Rq, xm, vm, beta, perms, kernel, sigma, InverseDistance(p), batch=3)
     assert Ead.shape == E.shape and Fad.shape == F.shape
     assert rel_err(Ead, E) < TOL
     assert rel_err(Fad, F) < TOL
@@ -155,9 +155,9 @@ def test_user_kernel_trains_and_is_conservative(frames, ethanol_test, use_energi
     train, R, perms = frames
     rq = rational_quadratic(2.0)
     sigma, p = 3.0, 1.0
-    op = ADTrainingKernel(R, perms, rq, sigma, p, 1e-12, use_energies, block=5)
+    op = ADTrainingKernel(R, perms, rq, sigma, InverseDistance(p), 1e-12, use_energies, block=5)
     v, beta, c = _fit(op, train)
-    E0, F = ad_evaluate(R, op.x0, v, beta, perms, rq, sigma, p)
+    E0, F = ad_evaluate(R, op.x0, v, beta, perms, rq, sigma, InverseDistance(p))
     assert rel_err(F, torch.as_tensor(train.F)) < 1e-3
     if use_energies:
         assert float((E0 + c - torch.as_tensor(train.E)).abs().max()) < 2e-3     # kcal/mol
@@ -166,11 +166,13 @@ def test_user_kernel_trains_and_is_conservative(frames, ethanol_test, use_energi
     v, beta, c = _fit(op, train)
 
     def energy(r):
-        return float(ad_evaluate(torch.as_tensor(r)[None], op.x0, v, beta, perms, rq, sigma, p)[0])
+        return float(ad_evaluate(torch.as_tensor(r)[None], op.x0, v, beta, perms, rq, sigma,
+                                InverseDistance(p))[0])
 
     Rq = ethanol_test.R[0]
     fd = finite_difference_forces(energy, Rq, h=1e-3)
-    F = ad_evaluate(torch.as_tensor(Rq)[None], op.x0, v, beta, perms, rq, sigma, p)[1][0].numpy()
+    F = ad_evaluate(torch.as_tensor(Rq)[None], op.x0, v, beta, perms, rq, sigma,
+                    InverseDistance(p))[1][0].numpy()
     assert np.abs(fd - F).max() < 1e-6 * np.abs(fd).max()
 
 
@@ -178,8 +180,8 @@ def test_user_kernel_as_rbf_matches_fast_rbf(frames):
     """A user kernel that happens to be the RBF reproduces the hand-derived RBF operator."""
     _, R, perms = frames
     user = ScalarKernel(lambda x, xp, s: torch.exp(-((x - xp) ** 2).sum() / (2 * s * s)), "myrbf")
-    ad = ADTrainingKernel(R, perms, user, 3.0, 1.0, 0.0, True, block=7)
-    fast = TrainingKernel(R, perms, get_kernel("rbf"), 3.0, 1.0, 0.0, True, block=7)
+    ad = ADTrainingKernel(R, perms, user, 3.0, InverseDistance(), 0.0, True, block=7)
+    fast = TrainingKernel(R, perms, get_kernel("rbf"), 3.0, InverseDistance(), 0.0, True, block=7)
     assert rel_err(ad.assemble(progress=False), fast.assemble(progress=False)) < TOL
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpff.cli import main
-from gpff.hyperopt import LAMBDAS
+from gpff.hyperopt import FCHL19_SIGMAS, LAMBDAS
 
 from conftest import ETHANOL_TEST, ETHANOL_TRAIN
 
@@ -107,7 +107,8 @@ def test_validation_file(tmp_path, capsys):
 def test_default_search_and_energies(tmp_path, capsys):
     """No σ given: kernel, σ and p are searched on hold-out training frames, energies are trained on."""
     model = tmp_path / "d.gpff"
-    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "60", "-q"]) == 0
+    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "60",
+                 "--descriptor", "inverse_distance", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["use_energies"] is True and summary["solver"]["solver"] == "cholesky"
     assert main(["info", str(model), "--json"]) == 0
@@ -128,6 +129,31 @@ def test_default_search_and_energies(tmp_path, capsys):
     assert all(g["sigma"] == pytest.approx(best["sigma"] * (30 / search["n_grad"]) ** (-1 / 3)) for g in scan)
     assert info["lam"] == search["lam"] == min(scan, key=lambda g: g["force_rmse"])["lam"]
     assert not (tmp_path / "d.gpff.ckpt").exists()
+
+
+def test_fchl19_descriptor(tmp_path, capsys):
+    """--descriptor fchl19: σ (and kernel, λ) searched without p, written, shown, tested by the core."""
+    model = tmp_path / "f.gpff"
+    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(model), "--n-train", "40",
+                 "--descriptor", "fchl19", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["descriptor"] == "fchl19" and summary["p"] is None
+    assert main(["info", str(model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["descriptor"] == "fchl19" and info["fchl19_n_rs2"] == 24
+    assert "descriptor_exponent" not in info
+    search = info["provenance"]["hyperparameter_search"]
+    assert search["p"] is None and len(search["grid"]) == 2 * len(FCHL19_SIGMAS)
+    assert all(g["p"] is None for g in search["grid"] + search["gradient"])
+    assert main(["info", str(model)]) == 0
+    text = capsys.readouterr().out
+    assert "fchl19" in text and "three_body_weight" in text and ", p " not in text
+    assert main(["test", str(model), str(ETHANOL_TEST), "--n", "20", "--json"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["force_mae"] < 10
+    assert main(["train", "sgdml", str(ETHANOL_TRAIN), "-o", str(tmp_path / "p.gpff"),
+                 "--descriptor", "fchl19", "--p", "0.5"]) == 2
+    assert "--descriptor fchl19 has none" in capsys.readouterr().err
+    assert not (tmp_path / "p.gpff").exists()
 
 
 def test_train_nbody_test_info_export(tmp_path, capsys):

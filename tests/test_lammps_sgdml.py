@@ -20,6 +20,7 @@ import subprocess
 import numpy as np
 import pytest
 
+import gpff
 import gpff.lammps as glmp
 from gpff.drift import energy_drift, log_drift
 from gpff.errors import GpffError
@@ -89,6 +90,16 @@ def ev_model_path(tmp_path_factory):
     """A synthetic ethanol model in eV (the trained `sgdml_model_path` of conftest is kcal/mol)."""
     return write_synthetic_sgdml(tmp_path_factory.mktemp("sgdml") / "ethanol_ev.gpff",
                                  energy_unit="eV")
+
+
+@pytest.fixture(scope="session")
+def fchl19_model_path(ethanol_train, tmp_path_factory):
+    """A trained model on the global FCHL19 descriptor (RBF, energies, 6 symmetries, 40 frames)."""
+    model = gpff.SGDML(sigma=10.0, kernel="rbf", descriptor="fchl19",
+                       progress=False).fit(ethanol_train.subset(range(0, 1000, 25)))
+    path = tmp_path_factory.mktemp("fchl19") / "ethanol_fchl19.gpff"
+    model.save(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -199,11 +210,11 @@ def test_plugin_found():
     assert glmp.preload_mpi().endswith("libmpi.so.12")
 
 
-@pytest.mark.parametrize("model", ["sgdml_model_path", "ev_model_path"])
+@pytest.mark.parametrize("model", ["sgdml_model_path", "ev_model_path", "fchl19_model_path"])
 @pytest.mark.parametrize("units", ["real", "metal"])
 def test_single_molecule_matches_core(request, frames, tmp_path, units, model):
     """(a, b) energy, forces, virial, per-atom energy and virial of one molecule = core, for a
-    kcal/mol and an eV model in units real and metal."""
+    kcal/mol and an eV model and a model on the FCHL19 descriptor, in units real and metal."""
     from gpff._core import SGDMLModel
     sgdml_model_path = request.getfixturevalue(model)
     core = SGDMLModel(sgdml_model_path)

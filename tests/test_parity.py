@@ -25,10 +25,13 @@ def test_python_and_core_agree(ethanol_train, ethanol_test, tmp_path, use_sym):
     model = gpff.SGDML(sigma=10.0, use_sym=use_sym, progress=False).fit(ethanol_train.subset(range(0, 1000, 10)))
     path = tmp_path / "m.gpff"
     model.save(path)
-    core = SGDMLModel(str(path))
-    R = ethanol_test.R[:20]
+    _assert_core_matches(model, SGDMLModel(str(path)), ethanol_test.R[:20])
+
+
+def _assert_core_matches(model, core, R):
+    """Energy, forces and virial of the C++ core = the Python model's to 1e-9 on geometries R."""
     E_py, F_py = model.predict(R)
-    for k in range(20):
+    for k in range(len(R)):
         e, f, w = core.compute(R[k])
         assert e == pytest.approx(E_py[k], rel=1e-9)
         assert _rel(f, F_py[k]) < 1e-9
@@ -93,3 +96,25 @@ def test_ase_calculator_in_ev(ethanol_model, ethanol_model_path, ethanol_test):
     k = energy_factor("kcal/mol", "eV")
     assert atoms.get_potential_energy() == pytest.approx(E * k, rel=1e-9)
     assert _rel(atoms.get_forces(), F * k) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def fchl19_model_paths(ethanol_train, tmp_path_factory):
+    """FCHL19-descriptor models (6 symmetries, energies and forces, 40 frames) with each kernel."""
+    train = ethanol_train.subset(range(0, 1000, 25))
+    paths = {}
+    for kernel in ("rbf", "matern52"):
+        model = gpff.SGDML(sigma=10.0, kernel=kernel, descriptor="fchl19", progress=False).fit(train)
+        paths[kernel] = (model, tmp_path_factory.mktemp("fchl19") / f"{kernel}.gpff")
+        model.save(paths[kernel][1])
+    return paths
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern52"])
+def test_fchl19_python_and_core_agree(fchl19_model_paths, ethanol_test, kernel):
+    """The global FCHL19 descriptor (docs/model_file.md): Python == C++ core to 1e-9 in energy,
+    forces and virial."""
+    model, path = fchl19_model_paths[kernel]
+    core = SGDMLModel(str(path))
+    assert (core.descriptor, core.n_desc, core.kernel) == ("fchl19", 9 * 312, kernel)
+    _assert_core_matches(model, core, ethanol_test.R[:20])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gpff
+from gpff.descriptor import InverseDistance
 from gpff.kernels import get_kernel
 from gpff.sgdml import SGDML
 from gpff.sgdml_kernel import TrainingKernel
@@ -26,7 +27,8 @@ def small_train(ethanol_train):
 def operators(small_train):
     R = torch.as_tensor(small_train.R)
     perms = torch.as_tensor(find_permutations(small_train.R, small_train.z, progress=False)).long()
-    return {v: TrainingKernel(R, perms, get_kernel(v[0]), v[3], v[1], 1e-8, use_energies=v[2],
+    return {v: TrainingKernel(R, perms, get_kernel(v[0]), v[3], InverseDistance(v[1]), 1e-8,
+                              use_energies=v[2],
                               block=3) for v in VARIANTS}
 
 

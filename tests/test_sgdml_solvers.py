@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpff.descriptor import InverseDistance
 from gpff.kernels import get_kernel
 from gpff.sgdml import SGDML
 from gpff.sgdml_kernel import TrainingKernel
@@ -44,7 +45,8 @@ def ethanol_op(ethanol_train):
     train = ethanol_train.subset(np.arange(0, 1000, 17)[:60])
     R = torch.as_tensor(train.R)
     perms = torch.as_tensor(find_permutations(train.R, train.z, progress=False)).long()
-    op = TrainingKernel(R, perms, get_kernel("matern52"), 10.0, 1.0, 1e-10, True, block=8)
+    op = TrainingKernel(R, perms, get_kernel("matern52"), 10.0, InverseDistance(), 1e-10, True,
+                       block=8)
     return op, op.labels(train.F, train.E - train.E.mean())
 
 

@@ -40,8 +40,9 @@ int main(int argc, char **argv)
     }
     const auto t1 = std::chrono::steady_clock::now();
     const double ns = std::chrono::duration<double, std::nano>(t1 - t0).count() / n_calls;
-    std::printf("[%s] N=%d D=%d M=%d S=%d: %.0f ns/call, %.2f GFLOP/s (checksum %.6g)\n", gpff::SGDMLModel::kernel_isa(), n,
-                n * (n - 1) / 2, model.n_train(), model.n_perms(), ns,
+    std::printf("[%s] %s N=%d D=%d M=%d S=%d: %.0f ns/call, %.2f GFLOP/s (checksum %.6g)\n",
+                gpff::SGDMLModel::kernel_isa(), model.descriptor().c_str(), n, model.n_desc(),
+                model.n_train(), model.n_perms(), ns,
                 model.flops_per_call() / ns, e);
   } catch (const gpff::Error &err) {
     std::fprintf(stderr, "error: %s\n", err.what());

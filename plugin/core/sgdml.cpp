@@ -1,4 +1,5 @@
-/* gpff C++ inference core: sGDML model (see sgdml.h and docs/model_file.md for the equations). */
+/* gpff C++ inference core: sGDML model (see sgdml.h and docs/model_file.md for the equations;
+ * the FCHL19 descriptor is in fchl19.cpp). */
 
 #include "sgdml.h"
 
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -43,6 +45,43 @@ std::string element_symbol(int z)
 
 // ---- loading -----------------------------------------------------------------------------------
 
+/* FCHL19 parameters of a model with descriptor "fchl19" (docs/model_file.md): flat metadata keys
+ * fchl19_*, all required; integers >= 1, reals finite and > 0 (zeta finite and >= 0). */
+static FCHL19Params read_fchl19_params(const ModelFile &mf)
+{
+  const auto require = [&](const char *key) {
+    if (!mf.has_key(key))
+      throw mf.error(std::string("metadata key '") + key + "' is missing (required by descriptor 'fchl19')");
+  };
+  const auto integer = [&](const char *key) {
+    require(key);
+    const int64_t v = mf.meta_int(key);    // a JSON integer
+    if (v < 1 || v > 10000)
+      throw mf.error(std::string(key) + " must be an integer >= 1 (at most 10000), got " + std::to_string(v));
+    return static_cast<int>(v);
+  };
+  const auto real = [&](const char *key, bool zero_ok) {
+    require(key);
+    const double v = mf.meta_double(key);    // a number, finite
+    if (zero_ok ? !(v >= 0.0) : !(v > 0.0))
+      throw mf.error(std::string(key) + (zero_ok ? " must be >= 0" : " must be > 0") + ", got " + number_text(v));
+    return v;
+  };
+  FCHL19Params p;
+  p.n_rs2 = integer("fchl19_n_rs2");
+  p.n_rs3 = integer("fchl19_n_rs3");
+  p.n_fourier = integer("fchl19_n_fourier");
+  p.eta2 = real("fchl19_eta2", false);
+  p.eta3 = real("fchl19_eta3", false);
+  p.zeta = real("fchl19_zeta", true);
+  p.rcut = real("fchl19_rcut", false);
+  p.acut = real("fchl19_acut", false);
+  p.two_body_decay = real("fchl19_two_body_decay", false);
+  p.three_body_decay = real("fchl19_three_body_decay", false);
+  p.three_body_weight = real("fchl19_three_body_weight", false);
+  return p;
+}
+
 SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
 {
   ModelFile mf(path);
@@ -57,18 +96,27 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
   else
     throw mf.error("unsupported kernel '" + kernel_name_ +
                    "' (the C++ core evaluates matern52 and rbf)");
-  const std::string descriptor = mf.meta_string("descriptor");
-  if (descriptor != "inverse_distance")
-    throw mf.error("descriptor '" + descriptor + "' is not supported (only 'inverse_distance')");
+  descriptor_ = mf.meta_string("descriptor");
+  if (descriptor_ == "inverse_distance")
+    desc_kind_ = 0;
+  else if (descriptor_ == "fchl19")
+    desc_kind_ = 1;
+  else
+    throw mf.error("descriptor '" + descriptor_ +
+                   "' is not supported (the C++ core evaluates 'inverse_distance' and 'fchl19')");
 
   energy_unit_ = mf.energy_unit();
 
-  if (mf.has_key("descriptor_exponent")) {
+  // inverse distance: exponent p (optional, default 1); fchl19: its parameters (all required;
+  // a descriptor_exponent key is ignored)
+  FCHL19Params fchl_params;
+  if (desc_kind_ == 0 && mf.has_key("descriptor_exponent")) {
     desc_exp_ = mf.meta_double("descriptor_exponent");    // a number, finite
     if (!(desc_exp_ > 0.0))
       throw mf.error("descriptor_exponent must be > 0, got " + number_text(desc_exp_));
   }
   desc_exp_kind_ = desc_exp_ == 1.0 ? 1 : desc_exp_ == 2.0 ? 2 : 0;
+  if (desc_kind_ == 1) fchl_params = read_fchl19_params(mf);
 
   sigma_ = mf.meta_double("sigma");
   if (!(sigma_ > 0.0)) throw mf.error("sigma must be > 0, got " + std::to_string(sigma_));
@@ -83,9 +131,24 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
   const int64_t n = zinfo.shape[0];
   if (n < 2 || n > 100000) throw mf.error("tensor 'z': number of atoms " + std::to_string(n) + " out of range (2..100000)");
   n_atoms_ = static_cast<int>(n);
-  n_desc_ = n_atoms_ * (n_atoms_ - 1) / 2;
   const auto z32 = mf.i32("z", {n});
   z_.assign(z32.begin(), z32.end());
+  {
+    int64_t n_desc = n * (n - 1) / 2;    // also the number of pairs, which must fit an int
+    if (n_desc > std::numeric_limits<int>::max())
+      throw mf.error("tensor 'z': " + std::to_string(n) + " atoms have more than 2^31 - 1 pairs");
+    if (desc_kind_ == 1) {
+      for (int i = 0; i < n_atoms_; ++i)
+        if (z_[i] < 1 || z_[i] >= N_ELEMENTS)
+          throw mf.error("tensor 'z': z[" + std::to_string(i) + "] = " + std::to_string(z_[i]) +
+                         " is not an atomic number");
+      fchl_ = FCHL19(fchl_params, z_);
+      n_desc = n * fchl_.rep_size();    // < 2^63: N <= 1e5, nrep <= 118^2 * 1e4 * 2e4
+    }
+    if (n_desc > std::numeric_limits<int>::max())
+      throw mf.error("descriptor size D = " + std::to_string(n_desc) + " is too large (more than 2^31 - 1 entries)");
+    n_desc_ = static_cast<int>(n_desc);
+  }
   if (mf.meta_int("n_atoms") != n)
     throw mf.error("metadata n_atoms = " + std::to_string(mf.meta_int("n_atoms")) +
                    " but tensor 'z' has " + std::to_string(n) + " atoms");
@@ -152,16 +215,6 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
                          std::to_string(r) + " is not a row");
       }
   }
-  // x_q[k] = x[pair_perm_[q*D + k]]: pair (a, b), a > b, of R[p_q] is pair (p_q[a], p_q[b]) of R
-  pair_perm_.resize(static_cast<size_t>(s) * n_desc_);
-  for (int64_t q = 0; q < s; ++q)
-    for (int a = 1, k = 0; a < n_atoms_; ++a)
-      for (int b = 0; b < a; ++b, ++k) {
-        int i = perms[q * n + a], j = perms[q * n + b];
-        if (i < j) std::swap(i, j);
-        pair_perm_[q * n_desc_ + k] = i * (i - 1) / 2 + j;
-      }
-
   // training rows: (M, D) each, M = metadata n_train
   const int64_t m = mf.meta_int("n_train");
   if (m < 1 || m > (int64_t(1) << 31) - 1)
@@ -175,6 +228,10 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
         problem += " (it has M*S rows: the expanded layout of older files; re-save the model)";
       else if (info.shape.size() == 2 && info.shape[1] == n_desc_)
         problem = "metadata n_train = " + std::to_string(m) + " but " + problem;
+      else if (desc_kind_ == 1)
+        problem += " (descriptor 'fchl19': D = N * nrep = " + std::to_string(n_atoms_) + " * " +
+                   std::to_string(fchl_.rep_size()) + ", nrep = E*n_rs2 + E(E+1)/2*n_rs3*2*n_fourier, E = " +
+                   std::to_string(fchl_.n_elements()) + " elements)";
       throw mf.error(problem);
     }
   }
@@ -191,6 +248,27 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
       if (!std::isfinite(value)) throw mf.error("tensor 'alpha_E' contains non-finite values");
   }
   n_train_ = static_cast<int>(m);
+
+  /* descriptor-entry permutations, x_q[k] = x[desc_perm_[q*D + k]] for the query ordering
+   * R[p_q] (after the tensor shapes are checked, so that D is backed by the file):
+   *   inverse distance: pair (a, b), a > b, of R[p_q] is pair (p_q[a], p_q[b]) of R;
+   *   fchl19: atom a of R[p_q] is atom p_q[a] of R (same element), x_q[a*nrep + t] = x[p_q[a]*nrep + t] */
+  desc_perm_.resize(static_cast<size_t>(s) * n_desc_);
+  if (desc_kind_ == 0) {
+    for (int64_t q = 0; q < s; ++q)
+      for (int a = 1, k = 0; a < n_atoms_; ++a)
+        for (int b = 0; b < a; ++b, ++k) {
+          int i = perms[q * n + a], j = perms[q * n + b];
+          if (i < j) std::swap(i, j);
+          desc_perm_[q * n_desc_ + k] = i * (i - 1) / 2 + j;
+        }
+  } else {
+    const int nrep = static_cast<int>(fchl_.rep_size());
+    for (int64_t q = 0; q < s; ++q)
+      for (int a = 0; a < n_atoms_; ++a)
+        for (int t = 0; t < nrep; ++t)
+          desc_perm_[q * n_desc_ + static_cast<int64_t>(a) * nrep + t] = perms[q * n + a] * nrep + t;
+  }
 
   // interleave into blocks of BLOCK rows (see sgdml.h)
   const size_t d = n_desc_;
@@ -540,25 +618,33 @@ thread_local Scratch scratch_tls;
 double SGDMLModel::compute(const double *x, double *f, double *virial, double *atom_virial) const
 {
   const int n = n_atoms_, d = n_desc_, s = n_perms_;
+  const int n_pairs = n * (n - 1) / 2;
   for (int i = 0; i < 3 * n; ++i)
     if (!std::isfinite(x[i]))
       throw Error(path_ + ": non-finite position of atom " + std::to_string(i / 3));
 
-  // scratch: gacc (S*D*BLOCK, first: 64-byte aligned), xq, gq (S*D), desc, grad, jac (D),
-  // rvec (3D)
+  // scratch: gacc (S*D*BLOCK, first: 64-byte aligned), xq, gq (S*D), desc, grad (D),
+  // jac (pairs; inverse distance: p / r_ij^{p+2}, then the pair factor), rvec (3 x pairs),
+  // fchl19: dedr (pairs), its work area
   const size_t sd = static_cast<size_t>(s) * d;
-  double *gacc = scratch_tls.get(sd * BLOCK + 2 * sd + 6 * static_cast<size_t>(d));
+  const size_t fchl_work = desc_kind_ == 1 ? fchl_.work_size() : 0;
+  double *gacc = scratch_tls.get(sd * BLOCK + 2 * sd + 2 * static_cast<size_t>(d) +
+                                 5 * static_cast<size_t>(n_pairs) + fchl_work);
   double *xq = gacc + sd * BLOCK;
   double *gq = xq + sd;
   double *desc = gq + sd;
   double *grad = desc + d;
-  double *jac = grad + d;       // p / r_ij^{p+2}: F_i = sum_j G_ij jac_ij (r_i - r_j)
-  double *rvec = jac + d;       // (D, 3) r_i - r_j
+  double *jac = grad + d;          // F_i = sum_j jac_ij (r_i - r_j): the pair factor -g_ij / r_ij
+  double *rvec = jac + n_pairs;    // (pairs, 3) r_i - r_j
+  double *dedr = rvec + 3 * static_cast<size_t>(n_pairs);    // fchl19: g_ij = dE/dr_ij
+  double *work = dedr + n_pairs;                              // fchl19: FCHL19 work area
 
-  // descriptor x_ij = 1/r_ij^p, pairs (i > j) row-major lower triangle; keep r_i - r_j and
-  // the Jacobian factor p/r^{p+2} (p == 1: 1/r, 1/r^3; p == 2: 1/r^2, 2/r^4; else std::pow)
+  // r_i - r_j of the pairs (i > j) row-major lower triangle; inverse distance: the descriptor
+  // x_ij = 1/r_ij^p and the Jacobian factor p/r^{p+2} (p == 1: 1/r, 1/r^3; p == 2: 1/r^2,
+  // 2/r^4; else std::pow)
   const int pk = desc_exp_kind_;
   const double pexp = desc_exp_;
+  const bool inverse_distance = desc_kind_ == 0;
   for (int i = 1, p = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++p) {
       const double dx = x[3 * i] - x[3 * j], dy = x[3 * i + 1] - x[3 * j + 1],
@@ -567,7 +653,9 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
       if (!(r2 > 0.0))
         throw Error(path_ + ": atoms " + std::to_string(i) + " and " + std::to_string(j) +
                     " coincide (r_ij = 0)");
-      if (pk == 1) {
+      if (!inverse_distance) {
+        jac[p] = std::sqrt(r2);    // r_ij, for the pair factor below
+      } else if (pk == 1) {
         const double r = std::sqrt(r2);
         desc[p] = 1.0 / r;
         jac[p] = 1.0 / (r2 * r);
@@ -584,9 +672,16 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
       rvec[3 * p + 1] = dy;
       rvec[3 * p + 2] = dz;
     }
+  if (!inverse_distance) {
+    try {
+      fchl_.forward(x, desc, work);
+    } catch (const Error &e) {
+      throw Error(path_ + ": " + e.what());
+    }
+  }
 
   // descriptors of the query orderings R[p_q]; kernel sum; G = sum_q P_q^T G_q
-  const int *pp = pair_perm_.data();
+  const int *pp = desc_perm_.data();
   for (size_t k = 0; k < sd; ++k) xq[k] = desc[pp[k]];
   KParams kp;
   if (kernel_kind_ == 0) {
@@ -605,13 +700,20 @@ double SGDMLModel::compute(const double *x, double *f, double *virial, double *a
   std::fill(grad, grad + d, 0.0);
   for (size_t k = 0; k < sd; ++k) grad[pp[k]] += gq[k];
 
-  // F_i = sum_{j != i} G_ij jac_ij (r_i - r_j) ; W = sum_{i>j} G_ij jac_ij r_ij (x) r_ij
+  // pair factors jac_ij = -(dE/dr_ij) / r_ij: inverse distance G_ij p / r_ij^{p+2} (in the loop
+  // below); fchl19 from the pullback of G to the distances
+  if (!inverse_distance) {
+    fchl_.backward(x, grad, dedr, work);
+    for (int p = 0; p < n_pairs; ++p) jac[p] = -dedr[p] / jac[p];
+  }
+
+  // F_i = sum_{j != i} jac_ij (r_i - r_j) ; W = sum_{i>j} jac_ij r_ij (x) r_ij
   std::fill(f, f + 3 * n, 0.0);
   double w[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   if (atom_virial) std::fill(atom_virial, atom_virial + 6 * static_cast<size_t>(n), 0.0);
   for (int i = 1, p = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++p) {
-      const double sc = grad[p] * jac[p];
+      const double sc = inverse_distance ? grad[p] * jac[p] : jac[p];
       const double *r = rvec + 3 * p;
       const double fx = sc * r[0], fy = sc * r[1], fz = sc * r[2];
       f[3 * i] += fx;

@@ -2,17 +2,25 @@
  *
  * Evaluates a trained sGDML model stored in a `.gpff` file (docs/model_file.md, "Prediction"):
  * one global model of one molecule of N atoms, kernel k(d) (Matérn 5/2 or RBF) of the
- * descriptor distance, descriptor x_ij = 1/r_ij^p (pairs i > j, row-major lower triangle,
- * D = N(N-1)/2, p = descriptor_exponent, default 1), M training rows (x_m, v_m, optional energy
- * coefficient beta_m) and S permutational symmetries p_q (a group, row 0 the identity). The S
- * symmetric orderings of the QUERY, R_q = R[p_q], are evaluated against the M rows. With
- * u = x_q - x_m, d = |u|, k1(d) = k'(d)/d, k2(d) = (k''(d) - k'(d)/d)/d^2:
+ * descriptor distance d = |x - x'| (the composite kernel k(D(x), D(x')) of
+ * papers/ad_kernels.txt eq. 7), M training rows (x_m, v_m, optional energy coefficient beta_m)
+ * and S permutational symmetries p_q (a group, row 0 the identity). Two descriptors x = D(R):
+ *
+ *   "inverse_distance": x_ij = 1/r_ij^p (pairs i > j, row-major lower triangle,
+ *                       D = N(N-1)/2, p = descriptor_exponent, default 1);
+ *   "fchl19":           global FCHL19 (fchl19.h): the per-atom FCHL19 representations of the
+ *                       N atoms concatenated in model atom order, x[a*nrep + t], D = N*nrep.
+ *
+ * The S symmetric orderings of the QUERY, R_q = R[p_q], are evaluated against the M rows; x_q is
+ * a permutation of the entries of x (desc_perm_). With u = x_q - x_m, d = |u|,
+ * k1(d) = k'(d)/d, k2(d) = (k''(d) - k'(d)/d)/d^2:
  *
  *   E(R) = c + sum_q sum_m [ beta_m k(d) + k1(d) u.v_m ]
  *   G_q  = dE/dx_q = sum_m [ (k2(d) u.v_m + k1(d) beta_m) u + k1(d) v_m ]
- *   G    = dE/dx   = sum_q P_q^T G_q       (x_q is a permutation P_q x of the entries of x)
- *   F_i  = sum_{j != i} G_ij p (r_i - r_j) / r_ij^{p+2}               (= -dE/dr_i exactly)
- *   W    = sum_{i>j} G_ij p (r_i - r_j) (x) (r_i - r_j) / r_ij^{p+2}  (virial, xx yy zz xy xz yz)
+ *   G    = dE/dx   = sum_q P_q^T G_q       (x_q = P_q x)
+ *   g_ij = dE/dr_ij  (inverse distance: -p G_ij / r_ij^{p+1}; fchl19: FCHL19::backward)
+ *   F_i  = -sum_{j != i} g_ij (r_i - r_j) / r_ij                      (= -dE/dr_i exactly)
+ *   W    = -sum_{i>j} g_ij (r_i - r_j) (x) (r_i - r_j) / r_ij         (virial, xx yy zz xy xz yz)
  *
  *   matern52 (a = sqrt(5)/sigma): k = (1 + a d + a^2 d^2/3) e^{-a d},
  *                                 k1 = -(a^2/3)(1 + a d) e^{-a d},  k2 = (a^4/3) e^{-a d}
@@ -21,7 +29,8 @@
  * The hot loop takes the training rows in blocks of BLOCK rows (interleaved, one SIMD vector of
  * rows per descriptor entry); each block is loaded once per call and used for all S query
  * orderings, whose S x D descriptor block stays in L1, so the loop is compute-bound. It is
- * instantiated per kernel and with/without the beta term (a force-only model pays nothing for it).
+ * instantiated per kernel and with/without the beta term (a force-only model pays nothing for it)
+ * and does not depend on the descriptor.
  *
  * Units: positions Å, energy in energy_unit() ("kcal/mol" or "eV"), forces energy/Å,
  * virial energy. The model is immutable after construction; compute() is const and uses only
@@ -33,6 +42,7 @@
 #include <string>
 #include <vector>
 
+#include "fchl19.h"
 #include "gpff_error.h"
 
 namespace gpff {
@@ -53,12 +63,19 @@ class SGDMLModel {
   double molecule_extent() const { return molecule_extent_; }
   int n_perms() const { return n_perms_; }
   int n_train() const { return n_train_; }
-  //! kernel length scale sigma (descriptor units, Å^-p)
+  //! kernel length scale sigma (descriptor units: Å^-p for inverse distance)
   double sigma() const { return sigma_; }
   //! "matern52" or "rbf"
   const std::string &kernel() const { return kernel_name_; }
-  //! p of the descriptor x_ij = 1/r_ij^p (1 unless the file says otherwise)
+  //! "inverse_distance" or "fchl19"
+  const std::string &descriptor() const { return descriptor_; }
+  //! D, number of descriptor entries (N(N-1)/2 for inverse distance, N*nrep for fchl19)
+  int n_desc() const { return n_desc_; }
+  //! p of the inverse-distance descriptor x_ij = 1/r_ij^p (1 unless the file says otherwise;
+  //! 1 and meaningless for the fchl19 descriptor)
   double descriptor_exponent() const { return desc_exp_; }
+  //! the FCHL19 descriptor (its parameters); meaningful only when descriptor() == "fchl19"
+  const FCHL19 &fchl19() const { return fchl_; }
   //! whether the file has energy coefficients beta_m (tensor alpha_E)
   bool has_energy_coefficients() const { return !beta_.empty(); }
   //! integration constant c (energy_unit())
@@ -75,8 +92,10 @@ class SGDMLModel {
    *  atom_virial: (6N) output per-atom virial, each pair term split half/half between its two
    *               atoms, same order (overwritten), if non-null. Sums to `virial`.
    *  Returns the energy in energy_unit().
-   *  Throws gpff::Error on non-finite positions, coincident atoms (r_ij == 0) or a
-   *  non-finite result; the outputs are then unspecified.
+   *  Throws gpff::Error on non-finite positions, coincident atoms (r_ij == 0), for the fchl19
+   *  descriptor a collinear triplet of atoms within its three-body cutoff (the FCHL19 angular
+   *  term has no derivative there, see fchl19.h), or a non-finite result; the outputs are then
+   *  unspecified.
    */
   double compute(const double *x, double *f, double *virial = nullptr,
                  double *atom_virial = nullptr) const;
@@ -86,7 +105,9 @@ class SGDMLModel {
    *  M * S * (10 D + 40): per training row, query ordering and descriptor entry 10 flops
    *  (pass 1: u = x_q - x_m, d^2 += u*u, dot += u*v_m; pass 2: u again, G_q += c1 u - g v_m;
    *  an FMA counts 2), plus ~40 per (row, ordering) for sqrt, exp and the scalar factors.
-   *  The descriptor, its permutations and the forces/virial (O(S D)) are not counted. */
+   *  The descriptor, its permutations and the forces/virial (O(S D)) are not counted, nor the
+   *  FCHL19 descriptor and its pullback (O(N^3 n_rs3 n_fourier), small next to the kernel sum:
+   *  D = N*nrep is large, e.g. N = 12, 4 elements: D = 5952 against 66 for inverse distance). */
   double flops_per_call() const;
 
   /*! SIMD kernel chosen for this CPU at run time: "avx512", "avx2" or "baseline"
@@ -108,8 +129,11 @@ class SGDMLModel {
   double molecule_extent_ = 0.0, sigma_ = 0.0, c_ = 0.0;
   std::string kernel_name_;
   int kernel_kind_ = 0;       // 0 matern52, 1 rbf
-  double desc_exp_ = 1.0;     // descriptor exponent p
+  std::string descriptor_;
+  int desc_kind_ = 0;         // 0 inverse_distance, 1 fchl19
+  double desc_exp_ = 1.0;     // inverse distance: descriptor exponent p
   int desc_exp_kind_ = 1;     // 1: p == 1, 2: p == 2, 0: any other p (std::pow)
+  FCHL19 fchl_;               // fchl19: the descriptor
   /* Training rows, interleaved in blocks of BLOCK rows: block b holds
    *   x_m[j]: data_[(2b)   * D + j].v[l]
    *   v_m[j]: data_[(2b+1) * D + j].v[l]        for m = b*BLOCK + l, j = 0..D-1.
@@ -117,9 +141,11 @@ class SGDMLModel {
   std::vector<Lanes> data_;
   //! energy coefficients beta_m, beta_[b].v[l] for m = b*BLOCK + l; empty when the file has none
   std::vector<Lanes> beta_;
-  /* Descriptor permutations: the query ordering R_q = R[p_q] has descriptor
-   * x_q[k] = x[pair_perm_[q*D + k]] (pair (a, b) of R_q is pair (p_q[a], p_q[b]) of R). */
-  std::vector<int> pair_perm_;
+  /* Descriptor-entry permutations: the query ordering R_q = R[p_q] has descriptor
+   * x_q[k] = x[desc_perm_[q*D + k]]. Inverse distance: pair (a, b) of R_q is pair
+   * (p_q[a], p_q[b]) of R. fchl19: block a of x_q is the representation of atom p_q[a] of R,
+   * x_q[a*nrep + t] = x[p_q[a]*nrep + t] (p_q maps atoms onto atoms of the same element). */
+  std::vector<int> desc_perm_;
 };
 
 //! atomic number of an element symbol ("H" -> 1), 0 if unknown

@@ -39,7 +39,6 @@ from typing import Callable
 import torch
 from torch.func import grad, grad_and_value, jvp, vmap
 
-from .descriptor import inverse_distance_jacobian
 from .sgdml_kernel import TrainingKernel
 
 _SQRT5 = math.sqrt(5.0)
@@ -121,7 +120,7 @@ def _energy_fn(kernel: ScalarKernel, sigma: float, xm, vm, beta):
 
 
 def ad_evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch.Tensor | None,
-                perms: torch.Tensor, kernel: ScalarKernel, sigma: float, p: float = 1.0,
+                perms: torch.Tensor, kernel: ScalarKernel, sigma: float, descriptor,
                 batch: int = 16):
     """Energy (without the integration constant) and forces of geometries R, by AD.
 
@@ -135,7 +134,8 @@ def ad_evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch
     Args:
         R: (B, N, 3) positions, Å. xm, vm: (M, D) training descriptors and v_m = J_m α_m.
         beta: (M,) energy coefficients or None. perms: (S, N) long, a group, identity first.
-        kernel: the scalar kernel. sigma: σ. p: descriptor exponent. batch: geometries per pass.
+        kernel: the scalar kernel. sigma: σ. descriptor: R -> (x, J) (gpff.descriptor).
+        batch: geometries per pass.
     Returns:
         E₀ (B,) and F (B, N, 3): E = c + E₀, F = −∇_R E.
     """
@@ -147,7 +147,7 @@ def ad_evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch
     E, F = [], []
     for start in range(0, len(R), batch):
         r = R[start:start + batch]
-        x, J = inverse_distance_jacobian(r[:, perms], p)           # (b, S, D), (b, S, D, 3N)
+        x, J = descriptor(r[:, perms])                              # (b, S, D), (b, S, D, 3N)
         G, e = grad_energy(x.reshape(-1, x.shape[-1]))
         F0 = -torch.einsum("bsd,bsdl->bsl", G.reshape(x.shape), J).reshape(x.shape[:2] + r.shape[1:])
         F.append(torch.gather(F0, 2, inv[None, :, :, None].expand_as(F0)).sum(1))   # F[p_q[a]] += F₀[q, a]
@@ -180,9 +180,9 @@ class ADTrainingKernel(TrainingKernel):
     """
 
     def __init__(self, R: torch.Tensor, perms: torch.Tensor, kernel: ScalarKernel, sigma: float,
-                 p: float, lam: float, use_energies: bool = False, block: int = 8):
+                 descriptor, lam: float, use_energies: bool = False, block: int = 8):
         kernel = get_scalar_kernel(kernel)
-        super().__init__(R, perms, kernel, sigma, p, lam, use_energies, block)
+        super().__init__(R, perms, kernel, sigma, descriptor, lam, use_energies, block)
         k = lambda x, xp: kernel.fn(x, xp, sigma)                  # noqa: E731
         grad_x = grad(k, argnums=0)
 
@@ -227,7 +227,8 @@ class ADTrainingKernel(TrainingKernel):
         return fb, self._k_diag(self.x0[f], self.x[f]).sum(1)
 
     def _evaluate(self, v: torch.Tensor, beta: torch.Tensor | None):
-        return ad_evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma, self.p)
+        return ad_evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma,
+                           self.descriptor)
 
 
 def kernel_backend(kernel):

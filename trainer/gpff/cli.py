@@ -56,8 +56,12 @@ def _type_sigma_option(text: str):
 
 def cmd_train_sgdml(args) -> dict:
     from .data import load_dataset, split_indices
-    from .errors import DatasetError, TrainingError
+    from .errors import DatasetError, GpffError, TrainingError
     from .sgdml import SOLVERS, train_sgdml  # noqa: F401
+
+    if args.descriptor == "fchl19" and args.p is not None:
+        raise GpffError("--p is the exponent of the inverse-distance descriptor; "
+                        "--descriptor fchl19 has none")
 
     data = load_dataset(args.data, energy_unit=args.energy_unit)
     n_valid = args.n_valid if args.n_valid is not None else (
@@ -83,7 +87,7 @@ def cmd_train_sgdml(args) -> dict:
     options = dict(lam=args.lam, use_sym=not args.no_sym,
                    use_energies=args.use_energies, solver=args.solver, max_memory=args.max_memory,
                    tol=args.tol, checkpoint=checkpoint, resume=args.resume, device=args.device,
-                   progress=not args.quiet)
+                   descriptor=args.descriptor, progress=not args.quiet)
     for name in ("p", "kernel"):                # searched (with no σ given) unless set
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -94,11 +98,20 @@ def cmd_train_sgdml(args) -> dict:
             raise TrainingError(f"interrupted; the solver state is in {checkpoint}: rerun the same "
                                 f"command with --resume") from None
         raise
+    search = model.provenance.get("hyperparameter_search") or {}
+    if args.descriptor == "auto" and search.get("descriptor") == "fchl19" and not args.quiet:
+        rmse = {d: min((g["force_rmse"] for g in search["grid"] if g["descriptor"] == d),
+                       default=float("nan")) for d in ("fchl19", "inverse_distance")}
+        print(f"gpff: the hold-out chose the FCHL19 descriptor (force RMSE {rmse['fchl19']:.4g} "
+              f"against {rmse['inverse_distance']:.4g} {data.energy_unit}/Å on the inverse "
+              "distance); FCHL19 models take ~100x longer per force call in MD: "
+              "--descriptor inverse_distance gives the fast model", file=sys.stderr)
     model.provenance["seed"] = args.seed
     model.save(args.output)
     if os.path.exists(checkpoint):
         os.unlink(checkpoint)
-    summary = {"model": os.fspath(args.output), "sigma": model.sigma, "p": model.p,
+    summary = {"model": os.fspath(args.output), "descriptor": model.descriptor,
+               "sigma": model.sigma, "p": model.p if model.descriptor == "inverse_distance" else None,
                "kernel": model.kernel, "use_energies": model.use_energies, "n_train": model.n_train,
                "n_perms": len(model.perms), "energy_unit": model.energy_unit,
                "validation": model.provenance.get("validation"),
@@ -248,13 +261,17 @@ def cmd_info(args) -> dict:
                     "mapping_error"):
             if key in info:
                 print(f"{key:16s} {info[key]}")
+        fchl19 = {k[len("fchl19_"):]: v for k, v in info.items() if k.startswith("fchl19_")}
+        if fchl19:
+            print(f"{'fchl19':16s} {fchl19}")
         for key, value in prov.items():
             if key == "hyperparameter_search":     # the full history is in --json
                 scaled = ("" if "sigma_validated" not in value else
                           f" ({value['sigma_validated']:.4g} at {value['n_grad']} frames, scaled "
                           f"to {value['n_target']})")
-                value = (f"{value.get('kernel', 'matern52')}, σ {value['sigma']:.4g}{scaled}, "
-                         f"p {value['p']:.4g} from {len(value['grid'])} grid points and "
+                value = (f"{value.get('kernel', 'matern52')}, σ {value['sigma']:.4g}{scaled}"
+                         + ("" if value.get("p") is None else f", p {value['p']:.4g}")
+                         + f" from {len(value['grid'])} grid points and "
                          f"{len(value['gradient'])} gradient steps on "
                          f"{value['n_sub']}/{value['n_valid']} hold-out frames")
             print(f"{'provenance.' + key:16s} {value}")
@@ -277,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--sigma", type=float, help="kernel length scale σ (default: searched, with p, "
                      "by hold-out validation on the training frames)")
     grp.add_argument("--sigma-grid", type=_floats, help="comma-separated σ values, chosen by validation force MAE")
+    sg.add_argument("--descriptor", choices=["auto", "inverse_distance", "fchl19"], default="auto",
+                    help="inverse_distance: sGDML's 1/r^p; fchl19: the global FCHL19 descriptor "
+                    "(papers/ad_kernels.txt Table 1); auto (default): the search picks the one "
+                    "with the lower hold-out error (FCHL19 only where it fits the memory budget), "
+                    "the inverse distance when --sigma or --sigma-grid is given")
     sg.add_argument("--p", type=float, help="descriptor exponent p of 1/r^p (default 1, or searched)")
     sg.add_argument("--kernel", choices=["matern52", "rbf"],
                     help="kernel (default: chosen by the search, with σ and p; matern52, sgdml's, "

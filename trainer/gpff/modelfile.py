@@ -48,8 +48,7 @@ def save_sgdml(model, path) -> None:
         "format_version": FORMAT_VERSION, "model": "sgdml", "gpff_version": _version(),
         "units": {"energy": model.energy_unit, "length": "Angstrom"},
         "species": [chemical_symbols[int(a)] for a in model.z], "n_atoms": int(model.n_atoms),
-        "kernel": model.kernel, "descriptor": "inverse_distance",
-        "descriptor_exponent": model.p, "sigma": model.sigma,
+        "kernel": model.kernel, **model.descriptor_fn().metadata(), "sigma": model.sigma,
         "lam": model.lam, "integration_constant": model.integration_constant,
         "n_train": int(model.n_train), "n_perms": int(len(model.perms)),
         "molecule_extent": model.molecule_extent, "provenance": model.provenance,
@@ -171,9 +170,22 @@ def load_sgdml(path, meta, tensors):
              ("z", "perms", "R_desc", "R_d_desc_alpha"))
     z, perms = tensors["z"], tensors["perms"]
     n = int(meta["n_atoms"])
-    d = n * (n - 1) // 2
     xk, vk = tensors["R_desc"], tensors["R_d_desc_alpha"]
-    if (z.shape != (n,) or perms.ndim != 2 or perms.shape[1] != n or xk.ndim != 2
+    if z.shape != (n,):
+        raise ModelFileError(f"{path}: tensor z has shape {z.shape}, expected ({n},) (n_atoms)")
+    descriptor = meta.get("descriptor", "inverse_distance")
+    fchl19 = ({k[len("fchl19_"):]: v for k, v in meta.items() if k.startswith("fchl19_")}
+              if descriptor == "fchl19" else None)
+    try:
+        model = SGDML(sigma=meta["sigma"], lam=meta["lam"], perms=perms,
+                      kernel=meta.get("kernel", "matern52"),
+                      p=meta.get("descriptor_exponent", 1.0), descriptor=descriptor,
+                      fchl19=fchl19, progress=False)
+        d = (n * (n - 1) // 2 if descriptor == "inverse_distance"
+             else n * model.descriptor_fn(z).nrep)
+    except (ValueError, TypeError) as err:
+        raise ModelFileError(f"{path}: {err}") from None
+    if (perms.ndim != 2 or perms.shape[1] != n or xk.ndim != 2
             or xk.shape[1] != d or vk.shape != xk.shape):
         raise ModelFileError(f"{path}: inconsistent tensor shapes (z {z.shape}, perms {perms.shape}, "
                              f"R_desc {xk.shape}, R_d_desc_alpha {vk.shape}) for {n} atoms")
@@ -182,12 +194,6 @@ def load_sgdml(path, meta, tensors):
         raise ModelFileError(f"{path}: alpha_E has shape {beta.shape}, expected ({xk.shape[0]},)")
     if not all(np.all(np.isfinite(t)) for t in (xk, vk) + (() if beta is None else (beta,))):
         raise ModelFileError(f"{path}: model tensors contain NaN or inf")
-    try:
-        model = SGDML(sigma=meta["sigma"], lam=meta["lam"], perms=perms,
-                      kernel=meta.get("kernel", "matern52"),
-                      p=meta.get("descriptor_exponent", 1.0), progress=False)
-    except ValueError as err:
-        raise ModelFileError(f"{path}: {err}") from None
     model.alpha_E = beta
     model.use_energies = beta is not None
     model.z = z.astype(np.int32)

@@ -1,12 +1,14 @@
 """sGDML: symmetric gradient-domain machine learning of one molecule (exact GP, torch).
 
-Sources (papers/sgdml_chapter.txt): inverse-distance descriptor (eq. 7.22), Hessian (force-force)
+Sources (papers/sgdml_chapter.txt): inverse-distance descriptor (eq. 7.22; or the global FCHL19
+descriptor, papers/ad_kernels.txt eq. 7 and Table 1, gpff.fchl19), Hessian (force-force)
 kernel of a kernel on the descriptor (eqs. 7.23-7.26), integration constant, symmetric kernel
 summed over the permutational symmetries (eqs. 7.28-7.31); energy-constraint variant (joint GP of
 energies and forces); papers/md22_iterative_solver.txt for the iterative solver. The kernel algebra
 lives in gpff.sgdml_kernel, the solvers in gpff.solvers.
 
-Notation (see docs/model_file.md): M training geometries of N atoms, D = N(N-1)/2, S symmetries.
+Notation (see docs/model_file.md): M training geometries of N atoms, D descriptor entries
+(N(N-1)/2 inverse distances, or N × nrep FCHL19 entries), S symmetries.
 A trained model stores x_m (M, D), v_m = J_m α_m (M, D), the energy coefficients β_m (M,) when
 trained with energies, and the integration constant c.
 """
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset
-from .descriptor import pair_indices
+from .descriptor import DESCRIPTORS, make_descriptor, pair_indices
 from .errors import DatasetError, GpffError, SpeciesError, TrainingError
 from .sgdml_kernel import TrainingKernel
 from .ad_kernels import kernel_backend
@@ -72,7 +74,8 @@ class SGDML:
     """Symmetric GDML force field of one molecule (exact GP).
 
     Args:
-        sigma: length scale σ of the kernel on the inverse-distance descriptor (Å^-p).
+        sigma: length scale σ of the kernel on the descriptor (descriptor units: Å^-p for
+            inverse distances).
         lam: regularisation λ added to the kernel diagonal.
         use_sym: recover permutational symmetries (False: plain GDML).
         perms: (S, N) symmetries to use instead of recovering them (identity first).
@@ -80,7 +83,10 @@ class SGDML:
             gpff.ad_kernels.ScalarKernel written as a scalar function of two descriptors, whose
             Hessian kernel and predictions are derived by AD (such a model predicts in Python;
             the .gpff format and the C++ core know matern52 and rbf).
-        p: descriptor exponent, x_ij = 1/r_ij^p (default 1).
+        p: descriptor exponent, x_ij = 1/r_ij^p (default 1; inverse-distance descriptor only).
+        descriptor: "inverse_distance" (sGDML's, default) or "fchl19" (the global FCHL19
+            descriptor of ad_kernels Table 1, symmetrised by `perms`: sFCHL19; gpff.fchl19).
+        fchl19: FCHL19 parameters (gpff.fchl19.DEFAULTS, qml's values where not given).
         use_energies: train on energies too (joint energy/force GP, energy-constraint variant;
             on rMD17 ethanol it lowers both energy and force errors); None (default): when the
             training data has energies. Without it energies only fix the integration constant.
@@ -102,6 +108,7 @@ class SGDML:
 
     def __init__(self, sigma: float = 10.0, lam: float = 1e-10, use_sym: bool = True,
                  perms=None, kernel: str = "matern52", p: float = 1.0,
+                 descriptor: str = "inverse_distance", fchl19: dict | None = None,
                  use_energies: bool | None = None,
                  solver: str = "auto", max_memory: float | None = None, tol: float = 1e-4,
                  checkpoint=None, resume: bool = False, device: str = "cpu", block: int = 8,
@@ -112,6 +119,14 @@ class SGDML:
             raise ValueError(f"lam must be non-negative, got {lam}")
         if not p > 0:
             raise ValueError(f"descriptor exponent p must be positive, got {p}")
+        if descriptor not in DESCRIPTORS:
+            raise ValueError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {descriptor!r}")
+        if descriptor == "fchl19":
+            from .fchl19 import check_params
+
+            fchl19 = check_params(fchl19)
+        elif fchl19 is not None:
+            raise ValueError("FCHL19 parameters given for the inverse-distance descriptor")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if max_memory is not None and not max_memory > 0:
@@ -120,6 +135,8 @@ class SGDML:
         self.sigma = float(sigma)
         self.lam = float(lam)
         self.p = float(p)
+        self.descriptor = descriptor
+        self.fchl19 = fchl19
         self.use_sym = bool(use_sym)
         self.use_energies = use_energies
         self.perms = None if perms is None else np.asarray(perms, dtype=np.int32)
@@ -163,7 +180,7 @@ class SGDML:
         _check_perms(self.perms, z)
         R = torch.as_tensor(train.R, dtype=torch.float64, device=self.device)
         perms = torch.as_tensor(self.perms, dtype=torch.long, device=self.device)
-        op = self._operator(R, perms, self.kernel_fn, self.sigma, self.p, self.lam,
+        op = self._operator(R, perms, self.kernel_fn, self.sigma, self.descriptor_fn(z), self.lam,
                             self.use_energies, self.block)
         c = float(np.mean(train.E)) if self.use_energies else 0.0   # prior mean of the energy
         y = op.labels(train.F, None if train.E is None else train.E - c)
@@ -217,6 +234,11 @@ class SGDML:
         })
         return self
 
+    def descriptor_fn(self, z=None):
+        """The descriptor callable R -> (x, J) of this model (gpff.descriptor.make_descriptor)
+        for atomic numbers z (default the model's)."""
+        return make_descriptor(self.descriptor, self.z if z is None else z, self.p, self.fchl19)
+
     @property
     def n_atoms(self) -> int:
         return len(self.z)
@@ -252,7 +274,7 @@ class SGDML:
         E, F = self._evaluate(torch.as_tensor(Rb, device=dev), torch.as_tensor(self.R_desc, device=dev),
                         torch.as_tensor(self.R_d_desc_alpha, device=dev), beta,
                         torch.as_tensor(self.perms, dtype=torch.long, device=dev),
-                        self.kernel_fn, self.sigma, self.p, batch)
+                        self.kernel_fn, self.sigma, self.descriptor_fn(), batch)
         E = (E + self.integration_constant).cpu().numpy()
         F = F.cpu().numpy()
         return (float(E[0]), F[0]) if single else (E, F)
@@ -289,12 +311,15 @@ def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=None, **kwa
     Args:
         train: training frames; valid: validation frames (required for a σ grid).
         sigmas: None (the default search: a kernel, σ and p grid, then gradient-based σ and
-            descriptor exponent p, then λ, by hold-out validation on training frames only,
+            descriptor exponent p (σ only for FCHL19), then λ, by hold-out validation on
+            training frames only,
             gpff.hyperopt.choose_hyperparameters, then a refit on all of `train`), one σ, or
             several σ chosen by validation force MAE on `valid` (the σ grid search of sgdml).
-        kwargs: further :class:`SGDML` arguments. With sigmas=None, `p`, `kernel` and `lam` are
-            searched unless given (the kernel between "rbf" and "matern52"); otherwise kernel
-            defaults to "matern52" (sgdml's), p to 1 and λ to 1e-10.
+        kwargs: further :class:`SGDML` arguments. With sigmas=None, `p`, `kernel`, `lam` and
+            the descriptor are searched unless given (the kernel between "rbf" and "matern52";
+            descriptor "auto", the default here: the inverse distance or FCHL19, whichever wins
+            the hold-out grid); otherwise kernel defaults to "matern52" (sgdml's), p to 1, λ to
+            1e-10 and the descriptor ("auto" too) to the inverse distance.
     Returns:
         the chosen model; its ``provenance`` records the search (every point with its errors).
     Raises:
@@ -317,11 +342,18 @@ def train_sgdml(train: Dataset, valid: Dataset | None = None, sigmas=None, **kwa
             train, perms, kernels=("rbf", "matern52") if kernel is None else (kernel,),
             use_energies=(kwargs.get("use_energies") is not False and train.E is not None),
             lam=kwargs.get("lam"), p=kwargs.get("p"),
-            device=kwargs.get("device", "cpu"), progress=kwargs.get("progress", True))
-        sigmas, kwargs["p"], kwargs["kernel"] = [search["sigma"]], search["p"], search["kernel"]
+            descriptor=kwargs.get("descriptor", "auto"), fchl19=kwargs.get("fchl19"),
+            max_memory=kwargs.get("max_memory"), device=kwargs.get("device", "cpu"), progress=kwargs.get("progress", True))
+        sigmas, kwargs["kernel"] = [search["sigma"]], search["kernel"]
+        kwargs["descriptor"] = search["descriptor"]
+        if search["p"] is not None:                      # None: the FCHL19 descriptor has no p
+            kwargs["p"] = search["p"]
         kwargs["lam"] = search["lam"]
-    elif kwargs.get("lam") is None:
-        kwargs.pop("lam", None)                          # SGDML's default, sgdml's 1e-10
+    else:
+        if kwargs.get("lam") is None:
+            kwargs.pop("lam", None)                      # SGDML's default, sgdml's 1e-10
+        if kwargs.get("descriptor") == "auto":           # sgdml's, without a search
+            kwargs["descriptor"] = "inverse_distance"
     sigmas = [float(s) for s in np.atleast_1d(sigmas)]
     if len(sigmas) > 1 and (valid is None or valid.n_frames == 0):
         raise DatasetError("a σ grid needs validation frames (--n-valid or --valid)")

@@ -30,17 +30,17 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .descriptor import inverse_distance_jacobian
 
 
 def evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch.Tensor | None,
-             perms: torch.Tensor, kernel, sigma: float, p: float = 1.0, batch: int = 16):
+             perms: torch.Tensor, kernel, sigma: float, descriptor, batch: int = 16):
     """Energy (without the integration constant) and forces of geometries R (docs/model_file.md).
 
     Args:
         R: (B, N, 3) positions, Å. xm, vm: (M, D) training descriptors and v_m = J_m α_m.
         beta: (M,) energy coefficients or None. perms: (S, N) long, a group, identity first.
-        kernel: a function d, σ -> (k, k₁, k₂) (gpff.kernels). sigma: σ. p: descriptor exponent.
+        kernel: a function d, σ -> (k, k₁, k₂) (gpff.kernels). sigma: σ.
+        descriptor: R (..., N, 3) -> (x (..., D), J (..., D, 3N)) (gpff.descriptor).
     Returns:
         E₀ (B,) and F (B, N, 3) tensors: E = c + E₀, F = −∇_R E.
     """
@@ -48,7 +48,7 @@ def evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch.Te
     E, F = [], []
     for start in range(0, len(R), batch):
         r = R[start:start + batch]
-        x, J = inverse_distance_jacobian(r[:, perms], p)           # orderings R[p_q]: (b,S,D), (b,S,D,3N)
+        x, J = descriptor(r[:, perms])                              # orderings R[p_q]: (b,S,D), (b,S,D,3N)
         U = x[:, :, None, :] - xm                                   # (b, S, M, D)
         k, k1, k2 = kernel(torch.linalg.vector_norm(U, dim=-1), sigma)
         dot = torch.einsum("bsmd,md->bsm", U, vm)
@@ -73,7 +73,7 @@ def rigid_motion_complement(J: torch.Tensor, rtol: float = 1e-9) -> torch.Tensor
     without gradient: the space does not depend on the exponent p.
     """
     with torch.no_grad():
-        _, s, Vh = torch.linalg.svd(J, full_matrices=True)
+        _, s, Vh = torch.linalg.svd(J, full_matrices=False)          # r <= min(D, 3N) rows
         r = int((s > rtol * s[:, :1]).sum(1).max())
         return Vh[:, :r].mT.contiguous()
 
@@ -88,20 +88,22 @@ class TrainingKernel:
     gpff.solvers.KernelOperator (matvec, columns, diagonal) and dense assembly for Cholesky.
 
     Args:
-        R: (M, N, 3) training positions, Å. perms: (S, N) long symmetries. kernel, sigma, p: as in
-        :func:`evaluate`. lam: λ. use_energies: include the energy rows and columns.
+        R: (M, N, 3) training positions, Å. perms: (S, N) long symmetries. kernel, sigma,
+        descriptor: as in :func:`evaluate`. lam: λ. use_energies: include the energy rows and
+        columns.
     """
 
-    def __init__(self, R: torch.Tensor, perms: torch.Tensor, kernel, sigma: float, p: float,
+    def __init__(self, R: torch.Tensor, perms: torch.Tensor, kernel, sigma: float, descriptor,
                  lam: float, use_energies: bool = False, block: int = 8):
-        self.R, self.perms, self.kernel, self.sigma, self.p = R, perms, kernel, sigma, p
+        self.R, self.perms, self.kernel, self.sigma = R, perms, kernel, sigma
+        self.descriptor = descriptor
         self.lam = float(lam)
         self.use_energies = use_energies
         self.rows_per_block = block
         self.m, self.natoms = R.shape[:2]
         self.dtype, self.device = R.dtype, R.device
         s = perms.shape[0]
-        x, J = inverse_distance_jacobian(R[:, perms], p)            # (M, S, D), (M, S, D, 3N)
+        x, J = descriptor(R[:, perms])                              # (M, S, D), (M, S, D, 3N)
         inv = torch.argsort(perms, dim=1)                           # Π_q: columns back to R's atoms
         cols = (3 * inv[:, :, None] + torch.arange(3, device=R.device)).reshape(s, 3 * self.natoms)
         JP = torch.gather(J, 3, cols[None, :, None, :].expand_as(J))
@@ -112,6 +114,15 @@ class TrainingKernel:
         self.x = x
         self.JP = JP @ self.Q[:, None]                              # (M, S, D, r)
         self.x0, self.J0 = x[:, 0], self.JP[:, 0]                  # identity ordering
+        # a long descriptor (D >= S r, e.g. FCHL19): every product with JP as a GEMM with JP laid
+        # out (D, M·S·r), u = x_f − x_ms expanded (JPᵀu = JPᵀx_f − JPᵀx_ms), instead of (rows, M,
+        # S, D) differences and a (rows, M, D, r) k₁-weighted copy of JP per block of rows (same
+        # flops when S = 1, far less memory and memory traffic)
+        d = x.shape[-1]
+        self._JPt = self._JPx = None
+        if d >= s * self.block:
+            self._JPt = self.JP.permute(2, 0, 1, 3).reshape(d, -1).contiguous()
+            self._JPx = torch.einsum("msdl,msd->msl", self.JP, x)   # (M, S, r)
 
     def labels(self, F, E=None) -> torch.Tensor:
         """Right-hand side y (n, 1) of the training system: forces F (M, N, 3) in the basis Q_m,
@@ -129,33 +140,57 @@ class TrainingKernel:
         """Bytes used besides K or the solver's vectors: the expanded training set, one block of
         kernel rows (assembly, columns) and one batch of :func:`evaluate` (matvec)."""
         m, s, d = self.x.shape
-        expansion = self.x.numel() + self.JP.numel()
+        expansion = self.x.numel() + self.JP.numel() * (1 if self._JPt is None else 2)
+        weighted = m * s * self.block ** 2 if self._JPt is not None else m * d * self.block
         rows = self.rows_per_block * (m * s * (d + 2 * self.block) + self.block * self.n
-                                      + m * d * self.block)
+                                      + weighted)
         batch = 16 * s * (m * (2 * d + 8) + d * (self.block + 2))
         return 8 * (expansion + 2 * max(rows, batch))
 
     # ------------------------------------------------------------------ rows of K
+    def _projections(self, frames: torch.Tensor, with_a: bool = True):
+        """For u = x_f − x(P_q R_m) of `frames` f against every training ordering: ‖u‖ (b, M, S),
+        A = J_fᵀu (b, M, S, r) (None unless `with_a`) and B = JP_mqᵀu (b, M, S, r)."""
+        xf = self.x0[frames]
+        m, s, d = self.x.shape
+        if self._JPt is None:
+            U = xf[:, None, None, :] - self.x[None]                 # (b, M, S, D)
+            A = torch.einsum("bdk,bmsd->bmsk", self.J0[frames], U) if with_a else None
+            return (torch.linalg.vector_norm(U, dim=-1), A,
+                    torch.einsum("msdl,bmsd->bmsl", self.JP, U))
+        b, r, flat = len(frames), self.block, self.x.reshape(m * s, d)
+        dist = torch.cdist(xf, flat, compute_mode="donot_use_mm_for_euclid_dist").reshape(b, m, s)
+        B = (xf @ self._JPt).reshape(b, m, s, r) - self._JPx
+        A = None
+        if with_a:
+            Jf = self.J0[frames]                                     # (b, D, r)
+            A = (torch.einsum("bdk,bd->bk", Jf, xf)[:, None, None, :]
+                 - (Jf.mT @ flat.T).reshape(b, r, m, s).permute(0, 2, 3, 1))
+        return dist, A, B
+
     def force_rows(self, frames: torch.Tensor) -> torch.Tensor:
         """Rows of K (without λ) of the force components of `frames`: (len(frames)·3N, n)."""
         Jf = self.J0[frames]
-        U = self.x0[frames][:, None, None, :] - self.x[None]       # (b, M, S, D)
-        k, k1, k2 = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-        rows = torch.einsum("bdk,bmdl->bkml", Jf, torch.einsum("bms,msdl->bmdl", k1, self.JP))
-        A = torch.einsum("bdk,bmsd->bmsk", Jf, U)
-        B = torch.einsum("msdl,bmsd->bmsl", self.JP, U)
+        dist, A, B = self._projections(frames)
+        k, k1, k2 = self.kernel(dist, self.sigma)
+        if self._JPt is not None:
+            r, (m, s) = self.block, k1.shape[1:]
+            P = (Jf.mT.reshape(-1, Jf.shape[1]) @ self._JPt).reshape(len(frames), r, m, s, r)
+            rows = torch.einsum("bms,bkmsl->bkml", k1, P)
+        else:
+            rows = torch.einsum("bdk,bmdl->bkml", Jf, torch.einsum("bms,msdl->bmdl", k1, self.JP))
         rows += torch.einsum("bms,bmsk,bmsl->bkml", k2, A, B)
         out = -rows.reshape(len(frames) * self.block, self.nf)
         if self.use_energies:                                       # Cov(F_f, E_n) = −J_fᵀ Σ_q k₁ u
-            fe = -torch.einsum("bdk,bmsd->bkm", Jf, k1[..., None] * U)
+            fe = -torch.einsum("bms,bmsk->bkm", k1, A)
             out = torch.cat([out, fe.reshape(len(frames) * self.block, self.m)], dim=1)
         return out
 
     def energy_rows(self, frames: torch.Tensor) -> torch.Tensor:
         """Rows of K (without λ) of the energies of `frames`: (len(frames), n)."""
-        U = self.x0[frames][:, None, None, :] - self.x[None]
-        k, k1, _ = self.kernel(torch.linalg.vector_norm(U, dim=-1), self.sigma)
-        ef = torch.einsum("msdl,bmsd->bml", self.JP, k1[..., None] * U).reshape(len(frames), self.nf)
+        dist, _, B = self._projections(frames, with_a=False)
+        k, k1, _ = self.kernel(dist, self.sigma)
+        ef = torch.einsum("bms,bmsl->bml", k1, B).reshape(len(frames), self.nf)
         return torch.cat([ef, k.sum(-1)], dim=1)
 
     def assemble(self, progress: bool = True) -> torch.Tensor:
@@ -235,4 +270,5 @@ class TrainingKernel:
 
     def _evaluate(self, v: torch.Tensor, beta: torch.Tensor | None):
         """The model with v_m = J_m α_m and β evaluated at the training geometries (E₀, F)."""
-        return evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma, self.p)
+        return evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma,
+                        self.descriptor)

@@ -1,0 +1,176 @@
+"""The global FCHL19 descriptor (gpff.fchl19) and sGDML models on it: the representation and its
+gradient against qml's reference implementation (qmllib), the analytic Jacobian against finite
+differences, invariances, the long-descriptor (GEMM) path of the training kernel, training,
+F = −∇E, the model file round trip and its errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gpff
+from conftest import finite_difference_forces
+from gpff.descriptor import InverseDistance
+from gpff.errors import ModelFileError
+from gpff.fchl19 import DEFAULTS, FCHL19Descriptor, check_params
+from gpff.kernels import get_kernel
+from gpff.sgdml import SGDML
+from gpff.sgdml_kernel import TrainingKernel
+from gpff.symmetry import find_permutations
+
+#: a set that exercises both cutoffs inside an ethanol molecule (qmllib has one Fourier order;
+#: TWO_FOURIER adds a second for the tests of gpff's own derivatives)
+SHORT = {"n_rs2": 10, "n_rs3": 7, "rcut": 2.6, "acut": 2.3, "eta2": 0.5, "eta3": 3.0,
+         "zeta": 2.0, "two_body_decay": 1.5, "three_body_decay": 0.8, "three_body_weight": 9.0}
+TWO_FOURIER = {**SHORT, "n_fourier": 2}
+
+
+@pytest.mark.parametrize("params", [None, SHORT], ids=["defaults", "short"])
+def test_matches_qml_reference(ethanol_train, params):
+    """x and ∂x/∂R equal qmllib's generate_fchl19 (FCHL19's reference code) to 1e-12."""
+    qml = pytest.importorskip("qmllib.representations")
+    z, R = ethanol_train.z, ethanol_train.R[7]
+    prm = check_params(params)
+    x, J = FCHL19Descriptor(z, params)(torch.as_tensor(R)[None])
+    ref, grad = qml.generate_fchl19(
+        np.asarray(z, dtype=np.int32), R, elements=sorted(set(z.tolist())), nRs2=prm["n_rs2"],
+        nRs3=prm["n_rs3"], nFourier=prm["n_fourier"], eta2=prm["eta2"], eta3=prm["eta3"],
+        zeta=prm["zeta"], rcut=prm["rcut"], acut=prm["acut"],
+        two_body_decay=prm["two_body_decay"], three_body_decay=prm["three_body_decay"],
+        three_body_weight=prm["three_body_weight"], gradients=True)
+    np.testing.assert_allclose(x[0].numpy(), ref.reshape(-1), rtol=0, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_allclose(J[0].numpy(), grad.reshape(J.shape[1:]), rtol=0,
+                               atol=1e-11 * np.abs(grad).max())
+
+
+@pytest.mark.parametrize("params", [None, TWO_FOURIER], ids=["defaults", "short"])
+def test_jacobian_matches_finite_differences(ethanol_train, params):
+    desc = FCHL19Descriptor(ethanol_train.z, params)
+    R = torch.as_tensor(ethanol_train.R[:3])
+    x, J = desc(R)
+    assert x.shape == (3, 9 * desc.nrep) and J.shape == (3, 9 * desc.nrep, 27)
+    h = 1e-5
+    for b in range(3):
+        fd = torch.zeros_like(J[b])
+        for k in range(27):
+            dR = torch.zeros(27, dtype=torch.float64)
+            dR[k] = h
+            plus = desc(R[b] + dR.reshape(9, 3))[0]
+            minus = desc(R[b] - dR.reshape(9, 3))[0]
+            fd[:, k] = (plus - minus) / (2 * h)
+        assert (fd - J[b]).abs().max() < 1e-8 * J[b].abs().max()
+
+
+def test_invariances(ethanol_train):
+    """Rigid motions leave x unchanged; permuting equal atoms permutes x's atom blocks."""
+    desc = FCHL19Descriptor(ethanol_train.z)
+    R = ethanol_train.R[11]
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    x = desc(torch.as_tensor(R))[0]
+    moved = desc(torch.as_tensor(R @ q.T + np.array([1.0, -2.0, 0.5])))[0]
+    assert (moved - x).abs().max() < 1e-12 * x.abs().max()
+    perm = np.array([0, 1, 2, 4, 3, 5, 7, 6, 8])                  # swaps of H atoms 3-4, 6-7
+    assert np.array_equal(ethanol_train.z[perm], ethanol_train.z)
+    xp = desc(torch.as_tensor(R[perm]))[0].reshape(9, -1)
+    assert torch.allclose(xp, x.reshape(9, -1)[perm], rtol=0, atol=1e-14)
+
+
+def test_collinear_triplet_is_refused(ethanol_train):
+    R = ethanol_train.R[0].copy()
+    R[2] = 2 * R[1] - R[0]                       # atom 1 midway between atoms 0 and 2
+    with pytest.raises(ValueError, match="collinear"):
+        FCHL19Descriptor(ethanol_train.z)(torch.as_tensor(R))
+
+
+def test_parameter_errors():
+    assert check_params(None) == DEFAULTS
+    for bad in ({"n_rs2": 0}, {"n_rs3": 2.5}, {"eta2": -1.0}, {"rcut": float("nan")},
+                {"zeta": -0.1}, {"nRs2": 24}):
+        with pytest.raises(ValueError, match="FCHL19 parameter"):
+            check_params(bad)
+    with pytest.raises(ValueError, match="inverse-distance"):
+        SGDML(fchl19={"rcut": 5.0})
+    with pytest.raises(ValueError, match="descriptor must be one of"):
+        SGDML(descriptor="soap")
+
+
+@pytest.fixture(scope="module")
+def small_fchl(ethanol_train):
+    return ethanol_train.subset(np.arange(0, 1000, 50))             # 20 frames
+
+
+@pytest.mark.parametrize("use_energies", [False, True])
+def test_long_descriptor_path_matches_dense_and_explicit(small_fchl, use_energies):
+    """With D ≥ S·r the training kernel is assembled by GEMMs on JP laid out (D, M·S·r); it must
+    equal the explicit-difference path and the model evaluated at the training frames
+    (matvec, early contraction)."""
+    R = torch.as_tensor(small_fchl.R)
+    perms = torch.as_tensor(find_permutations(small_fchl.R, small_fchl.z, progress=False)).long()
+    op = TrainingKernel(R, perms, get_kernel("rbf"), 3.0, FCHL19Descriptor(small_fchl.z, TWO_FOURIER),
+                        1e-8, use_energies=use_energies, block=3)
+    assert op._JPt is not None and len(perms) == 6
+    K = op.assemble(progress=False)
+    V = torch.randn(op.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(op.matvec(V), K @ V, rtol=0, atol=1e-10 * (K @ V).abs().max())
+    op._JPt = None                                                    # the explicit path
+    K2 = op.assemble(progress=False)
+    assert torch.allclose(K, K2, rtol=0, atol=1e-12 * K.abs().max())
+    # and the inverse-distance descriptor through the GEMM path (D = 36 ≥ S·r with S = 1)
+    ident = perms[:1]
+    op = TrainingKernel(R, ident, get_kernel("matern52"), 8.0, InverseDistance(0.7), 1e-8,
+                        use_energies=use_energies, block=3)
+    assert op._JPt is not None
+    K = op.assemble(progress=False)
+    op._JPt = None
+    assert torch.allclose(K, op.assemble(progress=False), rtol=0, atol=1e-12 * K.abs().max())
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "matern52"])
+def test_fchl19_model_fits_is_conservative_and_round_trips(small_fchl, ethanol_test, kernel,
+                                                           tmp_path):
+    model = SGDML(sigma=10.0, kernel=kernel, descriptor="fchl19", lam=1e-10,
+                  progress=False).fit(small_fchl)
+    assert model.R_desc.shape == (20, 9 * 312) and len(model.perms) == 6
+    E, F = model.predict(small_fchl.R)
+    assert np.abs(F - small_fchl.F).max() < 1e-2 * np.abs(small_fchl.F).max()
+    R = ethanol_test.R[3]
+    fd = finite_difference_forces(lambda r: model.predict(r)[0], R, h=1e-3)
+    assert np.abs(fd - model.predict(R)[1]).max() < 1e-6 * np.abs(fd).max()
+    # symmetric: swapping equivalent atoms leaves the energy unchanged
+    perm = model.perms[1]
+    assert model.predict(R[perm])[0] == pytest.approx(model.predict(R)[0], rel=1e-12)
+    path = tmp_path / "m.gpff"
+    model.save(path)
+    loaded = gpff.load(path)
+    assert (loaded.descriptor, loaded.fchl19) == ("fchl19", DEFAULTS)
+    np.testing.assert_array_equal(loaded.predict(ethanol_test.R[:3])[1],
+                                  model.predict(ethanol_test.R[:3])[1])
+
+
+def _rewrite_meta(src, dst, change):
+    """Copy the model file `src` to `dst` with its gpff metadata changed by `change(meta)`."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(src, "np") as f:
+        meta = json.loads(f.metadata()["gpff"])
+    change(meta)
+    save_file(load_file(src), dst, metadata={"gpff": json.dumps(meta)})
+
+
+def test_bad_fchl19_model_files(small_fchl, tmp_path):
+    model = SGDML(sigma=10.0, kernel="rbf", descriptor="fchl19", progress=False).fit(small_fchl)
+    good = tmp_path / "good.gpff"
+    model.save(good)
+    cases = {
+        "eta": (lambda m: m.update(fchl19_eta2=-0.3), "eta2"),
+        "unknown": (lambda m: m.update(fchl19_bogus=1.0), "bogus"),
+        "size": (lambda m: m.update(fchl19_n_rs2=12), "inconsistent tensor shapes"),
+        "descriptor": (lambda m: m.update(descriptor="soap"), "descriptor must be one of"),
+    }
+    for name, (change, message) in cases.items():
+        bad = tmp_path / f"{name}.gpff"
+        _rewrite_meta(good, bad, change)
+        with pytest.raises(ModelFileError, match=message):
+            gpff.load(bad)
