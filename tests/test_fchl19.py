@@ -85,8 +85,10 @@ def test_collinear_triplet_is_refused(ethanol_train):
 
 def test_parameter_errors():
     assert check_params(None) == DEFAULTS
-    for bad in ({"n_rs2": 0}, {"n_rs3": 2.5}, {"eta2": -1.0}, {"rcut": float("nan")},
-                {"zeta": -0.1}, {"nRs2": 24}):
+    assert check_params({"n_rs2": np.int64(12), "rcut": 5})["n_rs2"] == 12
+    for bad in ({"n_rs2": 0}, {"n_rs3": 2.5}, {"n_rs3": "20"}, {"eta2": -1.0},
+                {"rcut": float("nan")}, {"eta3": "2.7"}, {"acut": None}, {"zeta": -0.1},
+                {"nRs2": 24}):
         with pytest.raises(ValueError, match="FCHL19 parameter"):
             check_params(bad)
     with pytest.raises(ValueError, match="inverse-distance"):

@@ -3,8 +3,8 @@
 Sources: papers/ad_kernels.txt eq. 7 (a kernel on any descriptor D(x), k̃(x, x') = k(D(x),
 D(x'))) and Table 1 ("global-FCHL19": the concatenated FCHL19 atomic representations as one
 descriptor, "sFCHL19" with the sGDML symmetries); FCHL19 is Christensen, Bratholm, Faber and
-von Lilienfeld, J. Chem. Phys. 152, 044107 (2020), eqs. 8-12, with the parameters of its
-reference implementation (qml ``generate_fchl_acsf``). docs/model_file.md gives the formulas,
+von Lilienfeld, J. Chem. Phys. 152, 044107 (2020), as its reference implementation computes it
+(qml ``generate_fchl_acsf``, with its default parameters). docs/model_file.md gives the formulas,
 which the C++ core implements too.
 
 Per atom i, with E elements (the sorted atomic numbers present), e(a) the element index of atom a:
@@ -28,6 +28,7 @@ is refused with a ValueError.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -46,14 +47,16 @@ def check_params(params: dict | None) -> dict:
         if key not in DEFAULTS:
             raise ValueError(f"unknown FCHL19 parameter {key!r}; known: {', '.join(DEFAULTS)}")
         if key in _INTEGERS:
-            if isinstance(value, bool) or int(value) != value or int(value) < 1:
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                    and value >= 1):
                 raise ValueError(f"FCHL19 parameter {key} must be an integer >= 1, got {value!r}")
             value = int(value)
         else:
-            value = float(value)
-            if not math.isfinite(value) or value < 0 or (value == 0 and key != "zeta"):
-                raise ValueError(f"FCHL19 parameter {key} must be finite and > 0 "
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and (value > 0 or (value == 0 and key == "zeta"))):
+                raise ValueError(f"FCHL19 parameter {key} must be a finite number > 0 "
                                  f"(zeta >= 0), got {value!r}")
+            value = float(value)
         out[key] = value
     return out
 
@@ -100,7 +103,7 @@ class FCHL19Descriptor:
         Args:
             R: (..., N, 3) positions, Å.
         Returns:
-            x: (..., D) descriptor; J: (..., D, 3N), J[q, 3a + c] = ∂x_q/∂R[a, c] (Å⁻¹).
+            x: (..., D) descriptor; J: (..., D, 3N), J[q, 3a + c] = ∂x_q/∂R[a, c] (per Å).
         """
         lead, n = R.shape[:-2], R.shape[-2]
         flat = R.reshape(-1, n, 3)
@@ -121,7 +124,7 @@ class FCHL19Descriptor:
         onehot = self._onehot.to(device=dev)
         pair_onehot = self._pair_onehot.to(device=dev)
 
-        # two-body (FCHL19 eqs. 8-9): g_k(r) = LN_k(r) fc(r) / r^decay, and dg_k/dr
+        # two-body terms: g_k(r) = LN_k(r) fc(r) / r^decay, and dg_k/dr
         rs2 = prm["rcut"] * torch.arange(1, prm["n_rs2"] + 1, dtype=dt, device=dev) / prm["n_rs2"]
         rr = r[..., None]
         s2 = torch.log1p(prm["eta2"] / rr ** 2)
@@ -140,7 +143,7 @@ class FCHL19Descriptor:
         J2 = J2 - torch.einsum("je,bijk,bijc->biekc", onehot, dg, u)[:, :, :, :, None] \
             * eye[None, :, None, None, :, None]
 
-        # three-body (FCHL19 eqs. 10-12): centre i, neighbours j ≠ k (ordered pairs, halved)
+        # three-body terms: centre i, neighbours j ≠ k (ordered pairs, halved)
         rs3 = prm["acut"] * torch.arange(1, prm["n_rs3"] + 1, dtype=dt, device=dev) / prm["n_rs3"]
         f3, df3 = _cutoff(r, prm["acut"])
         keep3 = ~eye & (r <= prm["acut"])

@@ -153,10 +153,10 @@ def fchl19_fits(desc, n_perms: int, n_frames: int, max_memory: float | None = No
     rigid-motion-free bases and their (D, M·S·r) copy (gpff.sgdml_kernel.TrainingKernel),
     2 · 8 · M · S · D · (3N − 6) bytes, fits FCHL19_MEMORY_SHARE of the budget `max_memory` (GB;
     default 80 % of the device's memory)."""
-    from .sgdml import _default_memory_bytes
+    from .sgdml import default_memory_bytes
 
     budget = (max_memory * 1e9 if max_memory is not None
-              else _default_memory_bytes(torch.device(device)))
+              else default_memory_bytes(torch.device(device)))
     n = len(desc.element)
     need = 16 * n_frames * n_perms * n * desc.nrep * max(1, 3 * n - 6)
     return need <= FCHL19_MEMORY_SHARE * budget

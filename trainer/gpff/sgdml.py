@@ -35,7 +35,7 @@ SOLVERS = ("auto", "cholesky", "cg")
 PRECONDITIONER_FRACTION = 0.3
 
 
-def _default_memory_bytes(device: torch.device) -> int:
+def default_memory_bytes(device: torch.device) -> int:
     """80 % of the device's memory (physical RAM for the CPU)."""
     if device.type == "cuda":
         return int(0.8 * torch.cuda.mem_get_info(device)[1])
@@ -185,7 +185,7 @@ class SGDML:
         c = float(np.mean(train.E)) if self.use_energies else 0.0   # prior mean of the energy
         y = op.labels(train.F, None if train.E is None else train.E - c)
         budget = (int(self.max_memory * 1e9) if self.max_memory is not None
-                  else _default_memory_bytes(self.device))
+                  else default_memory_bytes(self.device))
         solver = self._choose_solver(op, budget)
         info = {"solver": solver, "n": op.n}
         if solver == "cholesky":
