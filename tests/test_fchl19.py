@@ -1,7 +1,8 @@
 """The global FCHL19 descriptor (gpff.fchl19) and sGDML models on it: the representation and its
 gradient against qml's reference implementation (qmllib), the analytic Jacobian against finite
 differences, invariances, the long-descriptor (GEMM) path of the training kernel, training,
-F = −∇E, the model file round trip and its errors."""
+F = −∇E, the compact model file (training geometries and force coefficients, the rows rebuilt at
+load by Python and by the C++ core's forward-mode FCHL19::jvp), its round trip and its errors."""
 
 import json
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import gpff
-from conftest import finite_difference_forces
-from gpff.descriptor import InverseDistance
+from conftest import check_load_error, finite_difference_forces
+from gpff import _core
+from gpff.descriptor import InverseDistance, training_rows
 from gpff.errors import ModelFileError
 from gpff.fchl19 import DEFAULTS, FCHL19Descriptor, check_params
 from gpff.kernels import get_kernel
@@ -46,6 +48,7 @@ def test_matches_qml_reference(ethanol_train, params):
 
 @pytest.mark.parametrize("params", [None, TWO_FOURIER], ids=["defaults", "short"])
 def test_jacobian_matches_finite_differences(ethanol_train, params):
+    """J against central differences; the forward-mode jvp (no J) against J dR."""
     desc = FCHL19Descriptor(ethanol_train.z, params)
     R = torch.as_tensor(ethanol_train.R[:3])
     x, J = desc(R)
@@ -60,6 +63,11 @@ def test_jacobian_matches_finite_differences(ethanol_train, params):
             minus = desc(R[b] - dR.reshape(9, 3))[0]
             fd[:, k] = (plus - minus) / (2 * h)
         assert (fd - J[b]).abs().max() < 1e-8 * J[b].abs().max()
+    dR = torch.as_tensor(np.random.default_rng(1).normal(size=R.shape))
+    xj, dx = desc.jvp(R, dR, chunk=2)                           # forward mode, without J
+    assert (xj - x).abs().max() <= 1e-14 * x.abs().max()
+    ref = torch.einsum("bdk,bk->bd", J, dR.flatten(1))
+    assert (dx - ref).abs().max() < 1e-12 * ref.abs().max()
 
 
 def test_invariances(ethanol_train):
@@ -142,40 +150,160 @@ def test_fchl19_model_fits_is_conservative_and_round_trips(small_fchl, ethanol_t
     # symmetric: swapping equivalent atoms leaves the energy unchanged
     perm = model.perms[1]
     assert model.predict(R[perm])[0] == pytest.approx(model.predict(R)[0], rel=1e-12)
+    # the compact file: training geometries and force coefficients, far smaller than the rows
     path = tmp_path / "m.gpff"
     model.save(path)
+    assert set(_tensors(path)) == {"z", "perms", "R_train", "alpha", "alpha_E"}
+    assert path.stat().st_size < 0.1 * 2 * model.R_desc.nbytes
+    assert model.alpha.shape == model.R_train.shape == small_fchl.R.shape
     loaded = gpff.load(path)
     assert (loaded.descriptor, loaded.fchl19) == ("fchl19", DEFAULTS)
-    np.testing.assert_array_equal(loaded.predict(ethanol_test.R[:3])[1],
-                                  model.predict(ethanol_test.R[:3])[1])
+    np.testing.assert_array_equal(loaded.R_train, model.R_train)
+    np.testing.assert_array_equal(loaded.alpha, model.alpha)
+    (E1, F1), (E0, F0) = loaded.predict(ethanol_test.R[:3]), model.predict(ethanol_test.R[:3])
+    np.testing.assert_allclose(E1, E0, rtol=1e-12, atol=0)
+    assert np.abs(F1 - F0).max() < 1e-12 * np.abs(F0).max()
 
 
-def _rewrite_meta(src, dst, change):
-    """Copy the model file `src` to `dst` with its gpff metadata changed by `change(meta)`."""
-    from safetensors.numpy import load_file, save_file
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def _rewrite(src, dst, change):
+    """Copy the model file `src` to `dst` with its gpff metadata and tensors changed by
+    `change(meta, tensors)` (both dicts, changed in place)."""
+    from safetensors.numpy import save_file
     from safetensors import safe_open
 
     with safe_open(src, "np") as f:
         meta = json.loads(f.metadata()["gpff"])
-    change(meta)
-    save_file(load_file(src), dst, metadata={"gpff": json.dumps(meta)})
+    tensors = _tensors(src)
+    change(meta, tensors)
+    save_file(tensors, dst, metadata={"gpff": json.dumps(meta)})
+
+
+def _set(name, index, value):
+    """A `change` for :func:`_rewrite`: tensors[name][index] = value."""
+    def change(meta, tensors):
+        tensors[name][index] = value
+    return change
+
+
+def _swap_layout(meta, tensors):
+    """The fchl19 rows stored as an inverse-distance file stores them (the layout before the
+    compact one): R_desc and R_d_desc_alpha instead of R_train and alpha."""
+    R, alpha = (torch.as_tensor(tensors.pop(k)) for k in ("R_train", "alpha"))
+    x, v = training_rows(FCHL19Descriptor(tensors["z"]), R, alpha)
+    tensors.update(R_desc=x.numpy(), R_d_desc_alpha=v.numpy())
+
+
+def _huge(meta, tensors):
+    """FCHL19 parameters with D = 9 · 120 030 000 and M = 2000 copies of the frames: rows of
+    ~35 TB that the 1 MB file does not back (the core refuses before allocating them)."""
+    meta.update(fchl19_n_rs2=10000, fchl19_n_rs3=10000, fchl19_n_fourier=1000, n_train=2000)
+    for name in ("R_train", "alpha", "alpha_E"):
+        tensors[name] = np.resize(tensors[name], (2000,) + tensors[name].shape[1:])
 
 
 def test_bad_fchl19_model_files(small_fchl, tmp_path):
+    """Bad metadata (Python's loader) and bad compact tensors (Python's loader and the C++ core):
+    ModelFileError naming the file, the tensor and, for a frame's geometry, the frame."""
     model = SGDML(sigma=10.0, kernel="rbf", descriptor="fchl19", progress=False).fit(small_fchl)
     good = tmp_path / "good.gpff"
     model.save(good)
-    cases = {
-        "eta": (lambda m: m.update(fchl19_eta2=-0.3), "eta2"),
-        "unknown": (lambda m: m.update(fchl19_bogus=1.0), "bogus"),
-        "size": (lambda m: m.update(fchl19_n_rs2=12), "inconsistent tensor shapes"),
-        "descriptor": (lambda m: m.update(descriptor="soap"), "descriptor must be one of"),
+    meta_cases = {
+        "eta": (lambda m, t: m.update(fchl19_eta2=-0.3), "eta2"),
+        "unknown": (lambda m, t: m.update(fchl19_bogus=1.0), "bogus"),
+        "descriptor": (lambda m, t: m.update(descriptor="soap"), "descriptor must be one of"),
     }
-    for name, (change, message) in cases.items():
+    for name, (change, message) in meta_cases.items():
         bad = tmp_path / f"{name}.gpff"
-        _rewrite_meta(good, bad, change)
+        _rewrite(good, bad, change)
         with pytest.raises(ModelFileError, match=message):
             gpff.load(bad)
+
+    R = model.R_train
+    collinear = 2 * R[2, 1] - R[2, 0]            # atom 2 on the line of atoms 0 and 1 in frame 2
+    cases = {     # change, phrase of Python's error, phrase of the core's error
+        "old_layout": (_swap_layout, "tensor 'R_desc' does not belong in a model with descriptor 'fchl19'",
+                       "tensor 'R_desc' does not belong in a model with descriptor 'fchl19'"),
+        "missing": (lambda m, t: t.pop("alpha"), "missing alpha", "missing tensor 'alpha'"),
+        "shape": (lambda m, t: t.update(R_train=t["R_train"][:, :, :2].copy()),
+                  "inconsistent tensor shapes",
+                  "tensor 'R_train' has shape (20, 9, 2), expected (M, N, 3) = (20, 9, 3)"),
+        "alpha_shape": (lambda m, t: t.update(alpha=t["alpha"][:, :8].copy()),
+                        "inconsistent tensor shapes",
+                        "tensor 'alpha' has shape (20, 8, 3), expected (M, N, 3) = (20, 9, 3)"),
+        "n_train": (lambda m, t: m.update(n_train=21), None,
+                    "metadata n_train = 21 but tensor 'R_train' has shape (20, 9, 3)"),
+        "huge": (_huge, None, "GB to rebuild the training rows, more than this machine's"),
+        "nan": (_set("alpha", (3, 4, 1), np.nan), "tensor 'alpha' contains non-finite values",
+                "tensor 'alpha' contains non-finite values"),
+        "inf": (_set("R_train", (0, 0, 0), np.inf), "tensor 'R_train' contains non-finite values",
+                "tensor 'R_train' contains non-finite values"),
+        "coincident": (_set("R_train", (2, 5), R[2, 3]), "tensor 'R_train': atoms 5 and 3 of frame 2 coincide",
+                       "tensor 'R_train': atoms 5 and 3 of frame 2 coincide"),
+        "collinear": (_set("R_train", (2, 2), collinear), "tensor 'R_train', frame 2: ",
+                      "tensor 'R_train', frame 2: "),
+    }
+    for name, (change, python_phrase, core_phrase) in cases.items():
+        bad = tmp_path / f"{name}.gpff"
+        _rewrite(good, bad, change)
+        if python_phrase is not None:
+            check_load_error(gpff.load, bad, python_phrase)
+        message = check_load_error(_core.SGDMLModel, bad, core_phrase)
+        assert name != "collinear" or "collinear" in message
+
+
+def test_inverse_distance_file_refuses_the_compact_tensors(small_fchl, tmp_path):
+    """An inverse-distance file stores its rows: R_train and alpha there are refused by both
+    readers (a file never has two sources of its rows)."""
+    model = SGDML(sigma=10.0, use_sym=False, progress=False).fit(small_fchl.subset(range(5)))
+    good = tmp_path / "inverse.gpff"
+    model.save(good)
+    assert set(_tensors(good)) == {"z", "perms", "R_desc", "R_d_desc_alpha", "alpha_E"}
+    bad = tmp_path / "both.gpff"
+    _rewrite(good, bad, lambda m, t: t.update(R_train=model.R_train, alpha=model.alpha))
+    phrase = "tensor 'R_train' does not belong in a model with descriptor 'inverse_distance'"
+    check_load_error(gpff.load, bad, phrase)
+    check_load_error(_core.SGDMLModel, bad, phrase)
+
+
+def test_core_rebuilds_rows_by_forward_mode(ethanol_train, ethanol_test, tmp_path):
+    """The C++ core rebuilds v_m = J(R_m) α_m from R_train and alpha by forward-mode
+    differentiation (FCHL19::jvp). With random coefficients on real rMD17 frames and parameters
+    whose cutoffs fall inside the molecule (two Fourier orders): Python's J(R_m) α_m equals the
+    central difference of x along α_m, and the core loading the file predicts what the Python
+    model with those rows predicts, to 1e-10, at the training frames and at test frames (the
+    energy sums u·v_m over every descriptor entry, the forces contract v_m with J(R)ᵀ)."""
+    R = ethanol_train.R[[0, 300, 600]]
+    alpha = np.random.default_rng(0).normal(size=R.shape)
+    desc = FCHL19Descriptor(ethanol_train.z, TWO_FOURIER)
+    x, v = training_rows(desc, torch.as_tensor(R), torch.as_tensor(alpha))
+    h = 1e-5
+    for m in range(len(R)):
+        step = torch.as_tensor(h * alpha[m])
+        fd = (desc(torch.as_tensor(R[m]) + step)[0] - desc(torch.as_tensor(R[m]) - step)[0]) / (2 * h)
+        assert (fd - v[m]).abs().max() < 1e-8 * v[m].abs().max()
+
+    model = SGDML(sigma=3.0, kernel="rbf", descriptor="fchl19", fchl19=TWO_FOURIER,
+                  perms=[list(range(9)), [0, 1, 2, 4, 3, 5, 7, 6, 8]], progress=False)
+    model.z, model.R_train, model.alpha = ethanol_train.z.astype(np.int32), R, alpha
+    model.R_desc, model.R_d_desc_alpha = x.numpy(), v.numpy()
+    model.energy_unit, model.integration_constant, model.molecule_extent = "kcal/mol", 0.0, 3.0
+    path = tmp_path / "random_alpha.gpff"
+    model.save(path)
+    core = _core.SGDMLModel(str(path))
+    assert (core.n_train, core.n_perms, core.n_desc) == (3, 2, 9 * desc.nrep)
+    queries = np.concatenate([R, ethanol_test.R[:5]])
+    E, F = model.predict(queries)
+    assert np.abs(E).min() > 1e-3 * np.abs(E).max()          # every query sees the rows
+    for q in range(len(queries)):
+        e, f, _ = core.compute(queries[q])
+        assert e == pytest.approx(E[q], rel=1e-10)
+        assert np.abs(f - F[q]).max() < 1e-10 * np.abs(F[q]).max()
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "matern52"])

@@ -113,8 +113,13 @@ def fchl19_model_paths(ethanol_train, tmp_path_factory):
 @pytest.mark.parametrize("kernel", ["rbf", "matern52"])
 def test_fchl19_python_and_core_agree(fchl19_model_paths, ethanol_test, kernel):
     """The global FCHL19 descriptor (docs/model_file.md): Python == C++ core to 1e-9 in energy,
-    forces and virial."""
+    forces and virial; the core rebuilds the rows from the compact file (training geometries and
+    force coefficients) by forward-mode differentiation of the descriptor."""
+    from safetensors import safe_open
+
     model, path = fchl19_model_paths[kernel]
+    with safe_open(path, "np") as fh:
+        assert set(fh.keys()) == {"z", "perms", "R_train", "alpha", "alpha_E"}
     core = SGDMLModel(str(path))
     assert (core.descriptor, core.n_desc, core.kernel) == ("fchl19", 9 * 312, kernel)
     _assert_core_matches(model, core, ethanol_test.R[:20])

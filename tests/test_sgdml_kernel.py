@@ -47,6 +47,28 @@ def test_operator_matches_dense_kernel(operators, variant):
     assert torch.allclose(op.diagonal() + op.lam, K.diagonal(), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("use_energies", [False, True])
+def test_matvec_kernel_value_cache(small_train, use_energies):
+    """With cache_bytes, the matvec keeps the kernel values of its first call (two arrays, three
+    with energies, counted in workspace_bytes) and later calls reuse them: same products as
+    without the cache and as the dense K."""
+    R = torch.as_tensor(small_train.R)
+    perms = torch.as_tensor(find_permutations(small_train.R, small_train.z, progress=False)).long()
+    args = (R, perms, get_kernel("rbf"), 3.0, InverseDistance(1.0), 1e-8, use_energies, 3)
+    plain, cached = TrainingKernel(*args), TrainingKernel(*args, cache_bytes=10 ** 9)
+    m, s = len(R), len(perms)
+    assert cached.workspace_bytes() - plain.workspace_bytes() == 8 * (2 + use_energies) * m * m * s
+    assert TrainingKernel(*args, cache_bytes=8 * 2 * m * m * s - 1)._cache is None
+    K = plain.assemble(progress=False)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        V = torch.randn(plain.n, 1, dtype=torch.float64, generator=g)
+        assert torch.allclose(cached.matvec(V), plain.matvec(V), rtol=0,
+                              atol=1e-13 * (K @ V).abs().max())
+        assert torch.allclose(cached.matvec(V), K @ V, rtol=0, atol=1e-9 * (K @ V).abs().max())
+    assert len(cached._cache) == 1
+
+
 @pytest.mark.parametrize("kernel, p, use_energies, sigma", VARIANTS)
 def test_variant_reproduces_training_data_and_is_conservative(small_train, ethanol_test, kernel, p,
                                                              use_energies, sigma, tmp_path):

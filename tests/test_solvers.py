@@ -322,6 +322,33 @@ def test_restart_grows_preconditioner(kernel):
     assert rel_res(op, a, y) <= 1e-9
 
 
+def test_slow_rule_predicts_time_to_tolerance():
+    """_slow: the time CG needs at its recent rate against the rebuild time."""
+    from gpff.solvers import _slow
+
+    fast = [(0.1 * i, 10.0 ** -i) for i in range(30)]           # a decade per 0.1 s
+    assert not _slow(fast[:5], 3, 1e-12, 1.0)                     # 8 more decades: 0.8 s < 1 s
+    assert _slow(fast[:5], 3, 1e-12, 0.5)
+    assert not _slow(fast, 3, 1e-12, 0.0)                         # already below tol
+    flat = [(float(i), 0.5) for i in range(10)]                   # no progress: slow
+    assert _slow(flat, 5, 1e-6, 1e9)
+
+
+def test_slow_cg_grows_preconditioner(kernel):
+    """grow_ratio 0: every rebuild 'pays for itself', so the preconditioner grows after each
+    `probe` iterations up to all frames, and CG still converges; grow_ratio None: it never
+    grows without a stall."""
+    op = make_op(kernel, 1e-6)
+    y = rhs(kernel)
+    a, info = solve(op, y, tol=1e-9, n_inducing=9, grow_ratio=0.0, probe=3, stall_window=None,
+                    progress=False, max_iter=3000)
+    assert info["restarts"] >= 1 and info["n_inducing"] > 9
+    assert rel_res(op, a, y) <= 1e-9
+    with pytest.raises(TrainingError, match="after 0 restart"):
+        solve(op, y, tol=1e-9, n_inducing=9, grow_ratio=None, stall_window=None, progress=False,
+              max_iter=200)
+
+
 # ------------------------------------------------------------------ (f) non-convergence
 
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 namespace gpff {
 
@@ -55,10 +56,64 @@ size_t FCHL19::work_size() const
 }
 
 namespace {
-//! the scratch areas of forward()/backward() (see work_size())
-struct Work {
-  double *dist, *idist, *fc3, *dfc3, *ld3, *dg2, *rad, *radd, *ang, *dang;
-  Work(double *w, int n, int nr2, int nr3, int na)
+/* Dual number v + d eps (eps^2 = 0) for forward-mode differentiation (jvp()): the arithmetic and
+ * the elementary functions evaluate() uses propagate the tangent d by the chain rule; comparisons
+ * and value() look at the value only. */
+struct Dual {
+  double v = 0.0, d = 0.0;
+  Dual() = default;
+  Dual(double value_, double tangent = 0.0) : v(value_), d(tangent) {}
+  Dual &operator+=(const Dual &b)
+  {
+    v += b.v;
+    d += b.d;
+    return *this;
+  }
+  Dual &operator*=(const Dual &b)
+  {
+    d = d * b.v + v * b.d;
+    v *= b.v;
+    return *this;
+  }
+};
+
+inline Dual operator+(const Dual &a, const Dual &b) { return {a.v + b.v, a.d + b.d}; }
+inline Dual operator-(const Dual &a, const Dual &b) { return {a.v - b.v, a.d - b.d}; }
+inline Dual operator-(const Dual &a) { return {-a.v, -a.d}; }
+inline Dual operator*(const Dual &a, const Dual &b) { return {a.v * b.v, a.d * b.v + a.v * b.d}; }
+inline Dual operator/(const Dual &a, const Dual &b)
+{
+  const double q = a.v / b.v;
+  return {q, (a.d - q * b.d) / b.v};
+}
+inline bool operator<=(const Dual &a, double b) { return a.v <= b; }
+inline bool operator>(const Dual &a, double b) { return a.v > b; }
+inline Dual sqrt(const Dual &a)
+{
+  const double s = std::sqrt(a.v);
+  return {s, 0.5 * a.d / s};
+}
+inline Dual exp(const Dual &a)
+{
+  const double e = std::exp(a.v);
+  return {e, e * a.d};
+}
+inline Dual log(const Dual &a) { return {std::log(a.v), a.d / a.v}; }
+inline Dual log1p(const Dual &a) { return {std::log1p(a.v), a.d / (1.0 + a.v)}; }
+inline Dual cos(const Dual &a) { return {std::cos(a.v), -std::sin(a.v) * a.d}; }
+inline Dual sin(const Dual &a) { return {std::sin(a.v), std::cos(a.v) * a.d}; }
+inline Dual pow(const Dual &a, double p) { return {std::pow(a.v, p), p * std::pow(a.v, p - 1.0) * a.d}; }
+
+inline double value(double a) { return a; }
+inline double value(const Dual &a) { return a.v; }
+//! a cosine clipped to [-1, 1] (qml clips before acos); the clipped value has no tangent
+inline double clip_cos(double c) { return std::min(1.0, std::max(-1.0, c)); }
+inline Dual clip_cos(const Dual &c) { return c.v > 1.0 ? Dual(1.0) : c.v < -1.0 ? Dual(-1.0) : c; }
+
+//! the scratch areas of forward()/backward()/jvp() (see work_size()), of T = double or Dual
+template <class T> struct Work {
+  T *dist, *idist, *fc3, *dfc3, *ld3, *dg2, *rad, *radd, *ang, *dang;
+  Work(T *w, int n, int nr2, int nr3, int na)
   {
     const size_t nn = static_cast<size_t>(n) * n, npair = static_cast<size_t>(n) * (n - 1) / 2;
     dist = w;
@@ -80,55 +135,57 @@ struct Work {
  * factor is the previous one times B = exp(-2 eta3 h^2). Three exp() instead of n_rs3; the
  * factors are <= 1 (nothing overflows; far tails underflow to 0 as they should); relative error
  * ~ n_rs3 ulp. */
-inline void gaussians3(double m, double eta3, double h, double b, const double *rs3, int nr3,
-                       double *e)
+template <class T>
+inline void gaussians3(T m, double eta3, double h, double b, const double *rs3, int nr3, T *e)
 {
-  const int c = static_cast<int>(std::min<double>(nr3 - 1, std::max(0.0, std::nearbyint(m / h - 1.0))));
-  const double dm = m - rs3[c];
-  e[c] = std::exp(-eta3 * dm * dm);
+  using std::exp;
+  const int c = static_cast<int>(std::min<double>(nr3 - 1, std::max(0.0, std::nearbyint(value(m) / h - 1.0))));
+  const T dm = m - rs3[c];
+  e[c] = exp(-eta3 * dm * dm);
   if (c + 1 < nr3) {
-    double f = std::exp(-eta3 * h * (h - 2.0 * dm));
+    T f = exp(-eta3 * h * (h - 2.0 * dm));
     for (int l = c + 1; l < nr3; ++l, f *= b) e[l] = e[l - 1] * f;
   }
   if (c > 0) {
-    double f = std::exp(-eta3 * h * (h + 2.0 * dm));
+    T f = exp(-eta3 * h * (h + 2.0 * dm));
     for (int l = c - 1; l >= 0; --l, f *= b) e[l] = e[l + 1] * f;
   }
 }
 
 //! blk (nr3 x na) += rad (nr3) (x) ang (na)
-inline void add_outer(double *__restrict blk, const double *__restrict rad,
-                      const double *__restrict ang, int nr3, int na)
+template <class T>
+inline void add_outer(T *__restrict blk, const T *__restrict rad, const T *__restrict ang, int nr3, int na)
 {
   for (int l = 0; l < nr3; ++l)
     for (int s = 0; s < na; ++s) blk[l * na + s] += rad[l] * ang[s];
 }
 
 //! angles of the triplet (j, i, k) at its centre i (dot and cross products of the positions)
-struct Triplet {
-  double a, b, c;             // r_ij, r_ik, r_jk
-  double ia, ib, ic;          // their inverses
-  double ci, si, cj, ck;      // cos/sin of the angle at i, cos at j and k
+template <class T> struct Triplet {
+  T a, b, c;             // r_ij, r_ik, r_jk
+  T ia, ib, ic;          // their inverses
+  T ci, si, cj, ck;      // cos/sin of the angle at i, cos at j and k
 };
 
-inline Triplet triplet(const double *pos, const double *dist, const double *idist, int n, int i,
-                       int j, int k)
+template <class T>
+inline Triplet<T> triplet(const T *pos, const T *dist, const T *idist, int n, int i, int j, int k)
 {
-  Triplet t;
+  using std::sqrt;
+  Triplet<T> t;
   t.a = dist[i * n + j];
   t.b = dist[i * n + k];
   t.c = dist[j * n + k];
   t.ia = idist[i * n + j];
   t.ib = idist[i * n + k];
   t.ic = idist[j * n + k];
-  const double *ri = pos + 3 * i, *rj = pos + 3 * j, *rk = pos + 3 * k;
-  const double u0 = rj[0] - ri[0], u1 = rj[1] - ri[1], u2 = rj[2] - ri[2];
-  const double v0 = rk[0] - ri[0], v1 = rk[1] - ri[1], v2 = rk[2] - ri[2];
-  const double uv = u0 * v0 + u1 * v1 + u2 * v2;
-  const double w0 = u1 * v2 - u2 * v1, w1 = u2 * v0 - u0 * v2, w2 = u0 * v1 - u1 * v0;
-  const double inv_ab = t.ia * t.ib;
-  t.ci = std::min(1.0, std::max(-1.0, uv * inv_ab));    // qml clips cos before acos
-  t.si = std::sqrt(w0 * w0 + w1 * w1 + w2 * w2) * inv_ab;
+  const T *ri = pos + 3 * i, *rj = pos + 3 * j, *rk = pos + 3 * k;
+  const T u0 = rj[0] - ri[0], u1 = rj[1] - ri[1], u2 = rj[2] - ri[2];
+  const T v0 = rk[0] - ri[0], v1 = rk[1] - ri[1], v2 = rk[2] - ri[2];
+  const T uv = u0 * v0 + u1 * v1 + u2 * v2;
+  const T w0 = u1 * v2 - u2 * v1, w1 = u2 * v0 - u0 * v2, w2 = u0 * v1 - u1 * v0;
+  const T inv_ab = t.ia * t.ib;
+  t.ci = clip_cos(uv * inv_ab);
+  t.si = sqrt(w0 * w0 + w1 * w1 + w2 * w2) * inv_ab;
   t.cj = (t.a * t.a - uv) * (t.ia * t.ic);    // (r_i - r_j).(r_k - r_j) / (r_ij r_jk)
   t.ck = (t.b * t.b - uv) * (t.ib * t.ic);    // (r_i - r_k).(r_j - r_k) / (r_ik r_jk)
   return t;
@@ -137,59 +194,88 @@ inline Triplet triplet(const double *pos, const double *dist, const double *idis
 
 void FCHL19::forward(const double *pos, double *x, double *work) const
 {
+  evaluate(pos, x, work);
+}
+
+void FCHL19::jvp(const double *pos, const double *dpos, double *x, double *dx) const
+{
+  const size_t n3 = 3 * static_cast<size_t>(n_), d = static_cast<size_t>(size());
+  std::vector<Dual> buf(n3 + d + work_size());
+  Dual *pd = buf.data(), *xd = pd + n3;
+  for (size_t k = 0; k < n3; ++k) pd[k] = Dual(pos[k], dpos[k]);
+  evaluate(pd, xd, xd + d);
+  for (size_t k = 0; k < d; ++k) {
+    x[k] = xd[k].v;
+    dx[k] = xd[k].d;
+  }
+}
+
+/* forward() (T = double) and jvp() (T = Dual): the unqualified elementary functions are std::'s
+ * for double and the Dual overloads above (found by argument-dependent lookup) for Dual. In the
+ * Dual instantiation the backward() factors in `work` (dfc3, dg2) carry tangents nobody reads. */
+template <class T>
+void FCHL19::evaluate(const T *pos, T *x, T *work) const
+{
+  using std::cos;
+  using std::exp;
+  using std::log;
+  using std::log1p;
+  using std::pow;
+  using std::sin;
+  using std::sqrt;
   const int n = n_, nr2 = p_.n_rs2, nr3 = p_.n_rs3, nf = p_.n_fourier, na = 2 * nf, ne = n_elem_;
   const long long nrep = nrep_;
-  Work w(work, n, nr2, nr3, na);
-  std::fill(x, x + n * nrep, 0.0);
+  Work<T> w(work, n, nr2, nr3, na);
+  std::fill(x, x + n * nrep, T(0.0));
 
   // distances and per-pair factors
   const double rcut = p_.rcut, acut = p_.acut, dec2 = p_.two_body_decay, dec3 = p_.three_body_decay;
   for (int i = 0; i < n; ++i) w.dist[i * n + i] = w.idist[i * n + i] = 0.0;
   for (int i = 1; i < n; ++i)
     for (int j = 0; j < i; ++j) {
-      const double dx = pos[3 * i] - pos[3 * j], dy = pos[3 * i + 1] - pos[3 * j + 1],
-                   dz = pos[3 * i + 2] - pos[3 * j + 2];
-      const double r = std::sqrt(dx * dx + dy * dy + dz * dz);
+      const T dx = pos[3 * i] - pos[3 * j], dy = pos[3 * i + 1] - pos[3 * j + 1],
+              dz = pos[3 * i + 2] - pos[3 * j + 2];
+      const T r = sqrt(dx * dx + dy * dy + dz * dz);
       w.dist[i * n + j] = w.dist[j * n + i] = r;
       w.idist[i * n + j] = w.idist[j * n + i] = 1.0 / r;
-      double fc = 0.0, dfc = 0.0;
+      T fc = 0.0, dfc = 0.0;
       if (r <= acut) {
-        fc = 0.5 * (std::cos(PI * r / acut) + 1.0);
-        dfc = -0.5 * PI / acut * std::sin(PI * r / acut);
+        fc = 0.5 * (cos(PI * r / acut) + 1.0);
+        dfc = -0.5 * PI / acut * sin(PI * r / acut);
       }
       w.fc3[i * n + j] = w.fc3[j * n + i] = fc;
       w.dfc3[i * n + j] = w.dfc3[j * n + i] = dfc;
-      w.ld3[i * n + j] = w.ld3[j * n + i] = std::pow(r, -dec3);
+      w.ld3[i * n + j] = w.ld3[j * n + i] = pow(r, -dec3);
     }
 
   // two-body terms, and their derivatives d g_k / dr for backward()
   const double eta2 = p_.eta2, inv_sqrt_2pi = 1.0 / std::sqrt(2.0 * PI);
   for (int i = 1, pr = 0; i < n; ++i)
     for (int j = 0; j < i; ++j, ++pr) {
-      double *dg = w.dg2 + static_cast<size_t>(pr) * nr2;
-      const double r = w.dist[i * n + j];
+      T *dg = w.dg2 + static_cast<size_t>(pr) * nr2;
+      const T r = w.dist[i * n + j];
       if (r > rcut) {
-        std::fill(dg, dg + nr2, 0.0);
+        std::fill(dg, dg + nr2, T(0.0));
         continue;
       }
-      const double u = eta2 / (r * r);
-      const double s2 = std::log1p(u), mu = std::log(r) - 0.5 * s2;
-      const double ds2 = -2.0 * u / (r * (1.0 + u)), dmu = 1.0 / r - 0.5 * ds2;
-      const double inv_s2 = 1.0 / s2;
-      const double fc = 0.5 * (std::cos(PI * r / rcut) + 1.0);
-      const double dfc = -0.5 * PI / rcut * std::sin(PI * r / rcut);
-      const double rd = std::pow(r, -dec2);
-      const double h = fc * rd, dh = dfc * rd - dec2 * h / r;    // fc r^-dec2 and its derivative
-      const double pre = inv_sqrt_2pi / std::sqrt(s2);
-      double *xi = x + i * nrep + elem_[j] * nr2, *xj = x + j * nrep + elem_[i] * nr2;
+      const T u = eta2 / (r * r);
+      const T s2 = log1p(u), mu = log(r) - 0.5 * s2;
+      const T ds2 = -2.0 * u / (r * (1.0 + u)), dmu = 1.0 / r - 0.5 * ds2;
+      const T inv_s2 = 1.0 / s2;
+      const T fc = 0.5 * (cos(PI * r / rcut) + 1.0);
+      const T dfc = -0.5 * PI / rcut * sin(PI * r / rcut);
+      const T rd = pow(r, -dec2);
+      const T h = fc * rd, dh = dfc * rd - dec2 * h / r;    // fc r^-dec2 and its derivative
+      const T pre = inv_sqrt_2pi / sqrt(s2);
+      T *xi = x + i * nrep + elem_[j] * nr2, *xj = x + j * nrep + elem_[i] * nr2;
       for (int k = 0; k < nr2; ++k) {
-        const double t = log_rs2_[k] - mu;
-        const double amp = pre * inv_rs2_[k] * std::exp(-0.5 * t * t * inv_s2);
-        const double g = amp * h;
+        const T t = log_rs2_[k] - mu;
+        const T amp = pre * inv_rs2_[k] * exp(-0.5 * t * t * inv_s2);
+        const T g = amp * h;
         xi[k] += g;
         xj[k] += g;
         // d ln(amp)/dr = -ds2/(2 s2) + t dmu/s2 + t^2 ds2/(2 s2^2)
-        const double dlog = inv_s2 * (-0.5 * ds2 + t * dmu + 0.5 * t * t * ds2 * inv_s2);
+        const T dlog = inv_s2 * (-0.5 * ds2 + t * dmu + 0.5 * t * t * ds2 * inv_s2);
         dg[k] = amp * (h * dlog + dh);
       }
     }
@@ -199,28 +285,28 @@ void FCHL19::forward(const double *pos, double *x, double *work) const
   const double b3 = std::exp(-2.0 * eta3 * h3 * h3);
   const long long off3 = static_cast<long long>(ne) * nr2, blk_size = static_cast<long long>(nr3) * na;
   for (int i = 0; i < n; ++i) {
-    double *x3 = x + i * nrep + off3;
+    T *x3 = x + i * nrep + off3;
     for (int j = 0; j < n; ++j) {
       if (j == i || w.dist[i * n + j] > acut) continue;
       for (int k = j + 1; k < n; ++k) {
         if (k == i || w.dist[i * n + k] > acut) continue;
-        const Triplet t = triplet(pos, w.dist, w.idist, n, i, j, k);
+        const Triplet<T> t = triplet(pos, w.dist, w.idist, n, i, j, k);
         if (!(t.si > 0.0))
           throw Error("model atoms " + std::to_string(j) + ", " + std::to_string(i) + ", " + std::to_string(k) +
                       " (0-based) are collinear (angle at atom " + std::to_string(i) +
                       " is 0 or 180 degrees): the FCHL19 three-body term has no derivative there");
-        const double ksi = w3 * (1.0 + 3.0 * t.ci * t.cj * t.ck) * w.ld3[i * n + j] * w.ld3[i * n + k] *
-                           w.ld3[j * n + k];
-        const double scale = ksi * w.fc3[i * n + j] * w.fc3[i * n + k];
+        const T ksi = w3 * (1.0 + 3.0 * t.ci * t.cj * t.ck) * w.ld3[i * n + j] * w.ld3[i * n + k] *
+                      w.ld3[j * n + k];
+        const T scale = ksi * w.fc3[i * n + j] * w.fc3[i * n + k];
         gaussians3(0.5 * (t.a + t.b), eta3, h3, b3, rs3_.data(), nr3, w.rad);
         for (int l = 0; l < nr3; ++l) w.rad[l] *= scale;
         // cos(o theta), sin(o theta), o = 1, 3, 5, ...: rotate by 2 theta
-        const double c2 = t.ci * t.ci - t.si * t.si, s2 = 2.0 * t.ci * t.si;
-        double co = t.ci, so = t.si;
+        const T c2 = t.ci * t.ci - t.si * t.si, s2 = 2.0 * t.ci * t.si;
+        T co = t.ci, so = t.si;
         for (int f = 0; f < nf; ++f) {
           w.ang[2 * f] = ang_w_[f] * co;
           w.ang[2 * f + 1] = ang_w_[f] * so;
-          const double cn = co * c2 - so * s2;
+          const T cn = co * c2 - so * s2;
           so = so * c2 + co * s2;
           co = cn;
         }
@@ -234,7 +320,7 @@ void FCHL19::backward(const double *pos, const double *g, double *dedr, double *
 {
   const int n = n_, nr2 = p_.n_rs2, nr3 = p_.n_rs3, nf = p_.n_fourier, na = 2 * nf, ne = n_elem_;
   const long long nrep = nrep_;
-  Work w(work, n, nr2, nr3, na);
+  Work<double> w(work, n, nr2, nr3, na);
   const auto pidx = [](int i, int j) { return i > j ? i * (i - 1) / 2 + j : j * (j - 1) / 2 + i; };
 
   // two-body: dE/dr_ij = sum_k (G[i, e(j), k] + G[j, e(i), k]) d g_k / dr
@@ -264,7 +350,7 @@ void FCHL19::backward(const double *pos, const double *g, double *dedr, double *
       if (j == i || w.dist[i * n + j] > acut) continue;
       for (int k = j + 1; k < n; ++k) {
         if (k == i || w.dist[i * n + k] > acut) continue;
-        const Triplet t = triplet(pos, w.dist, w.idist, n, i, j, k);    // t.si > 0: checked by forward()
+        const Triplet<double> t = triplet(pos, w.dist, w.idist, n, i, j, k);    // t.si > 0: checked by forward()
         const double a = t.a, b = t.b, c = t.c, ia = t.ia, ib = t.ib, ic = t.ic;
         const double ci = t.ci, cj = t.cj, ck = t.ck;
         const double m = 0.5 * (a + b);

@@ -37,6 +37,12 @@
  * G = dE/dx is computed in distance space, dE/dr_ij (backward()); the caller turns it into
  * forces and virials with F_i = -sum_j dE/dr_ij (r_i - r_j)/r_ij.
  *
+ * Forward mode (jvp()): the directional derivative dx = J(R) dR of the descriptor along a
+ * displacement dR, by the same evaluation code run on dual numbers (value, tangent) instead of
+ * doubles: every arithmetic operation and elementary function also propagates the tangent by the
+ * chain rule, so dx is exact up to rounding (no finite differences). The model loader uses it to
+ * rebuild v_m = J(R_m) alpha_m from the training geometries and force coefficients.
+ *
  * Collinear triplets: the angular sin(o theta) terms have an infinite derivative with respect to
  * the distances where sin(theta) = 0 (theta = 0 or pi; the same holds for qml's definition), so
  * forward() throws gpff::Error for a triplet within the cutoffs whose angle at the centre is
@@ -44,7 +50,8 @@
  * collinear positions).
  *
  * The object is immutable after construction; forward() and backward() are const and work
- * only in the caller's scratch, so one object may be used from many threads at once.
+ * only in the caller's scratch, jvp() in its own, so one object may be used from many threads
+ * at once.
  */
 #ifndef GPFF_FCHL19_H
 #define GPFF_FCHL19_H
@@ -95,7 +102,17 @@ class FCHL19 {
    *  forward() left for the same positions. */
   void backward(const double *pos, const double *g, double *dedr, double *work) const;
 
+  /*! Descriptor of the positions pos (3N, Å) and its directional derivative along dpos (3N):
+   *  x (D) = x(pos) and dx (D) = J(pos) dpos, both overwritten (dx in descriptor units per Å
+   *  times the unit of dpos). Forward-mode differentiation of forward()'s evaluation, exact up
+   *  to rounding; allocates its own scratch. Same preconditions and gpff::Error as forward(). */
+  void jvp(const double *pos, const double *dpos, double *x, double *dx) const;
+
  private:
+  /* the evaluation of forward() for T = double, and of jvp() for T = a dual number (value,
+   * tangent); work holds work_size() T */
+  template <class T> void evaluate(const T *pos, T *x, T *work) const;
+
   FCHL19Params p_;
   int n_ = 0, n_elem_ = 0;
   long long nrep_ = 0;

@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 namespace gpff {
 
 // ---- periodic table ----------------------------------------------------------------------------
@@ -80,6 +82,22 @@ static FCHL19Params read_fchl19_params(const ModelFile &mf)
   p.three_body_decay = real("fchl19_three_body_decay", false);
   p.three_body_weight = real("fchl19_three_body_weight", false);
   return p;
+}
+
+/* Training geometries R_train or force coefficients alpha of a fchl19 model (docs/model_file.md):
+ * tensor `name`, float64 of shape (M, N, 3), finite; M = n_train. */
+static std::vector<double> read_frames(const ModelFile &mf, const char *name, int64_t m, int64_t n)
+{
+  const auto &info = mf.tensor_info(name);
+  const bool frames = info.shape.size() == 3 && info.shape[1] == n && info.shape[2] == 3;
+  if (!frames || info.shape[0] != m)
+    throw mf.error((frames ? "metadata n_train = " + std::to_string(m) + " but " : std::string()) + "tensor '" +
+                   name + "' has shape " + shape_string(info.shape) + ", expected (M, N, 3) = " +
+                   shape_string({m, n, 3}));
+  auto values = mf.f64(name, {m, n, 3});
+  for (double value : values)
+    if (!std::isfinite(value)) throw mf.error(std::string("tensor '") + name + "' contains non-finite values");
+  return values;
 }
 
 SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
@@ -215,32 +233,71 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
                          std::to_string(r) + " is not a row");
       }
   }
-  // training rows: (M, D) each, M = metadata n_train
+  /* training rows x_m, v_m: (M, D) each, M = metadata n_train. Inverse distance: stored as
+   * R_desc and R_d_desc_alpha. fchl19: the file stores the training geometries R_train and force
+   * coefficients alpha, (M, N, 3) each, and the rows are recomputed below. A file holding the
+   * other layout's tensors is refused. */
   const int64_t m = mf.meta_int("n_train");
   if (m < 1 || m > (int64_t(1) << 31) - 1)
     throw mf.error("metadata n_train = " + std::to_string(m) + " out of range (>= 1)");
-  for (const char *name : {"R_desc", "R_d_desc_alpha"}) {
-    const auto &info = mf.tensor_info(name);
-    if (info.shape.size() != 2 || info.shape[1] != n_desc_ || info.shape[0] != m) {
-      std::string problem = "tensor '" + std::string(name) + "' has shape " + shape_string(info.shape) +
-                            ", expected (M, D) = " + shape_string({m, n_desc_});
-      if (info.shape.size() == 2 && info.shape[1] == n_desc_ && s > 1 && info.shape[0] == m * s)
-        problem += " (it has M*S rows: the expanded layout of older files; re-save the model)";
-      else if (info.shape.size() == 2 && info.shape[1] == n_desc_)
-        problem = "metadata n_train = " + std::to_string(m) + " but " + problem;
-      else if (desc_kind_ == 1)
-        problem += " (descriptor 'fchl19': D = N * nrep = " + std::to_string(n_atoms_) + " * " +
-                   std::to_string(fchl_.rep_size()) + ", nrep = E*n_rs2 + E(E+1)/2*n_rs3*2*n_fourier, E = " +
-                   std::to_string(fchl_.n_elements()) + " elements)";
-      throw mf.error(problem);
+  const auto refuse = [&](const char *name, const char *layout) {
+    if (mf.has_tensor(name))
+      throw mf.error("tensor '" + std::string(name) + "' does not belong in a model with descriptor '" +
+                     descriptor_ + "', whose file stores " + layout + " (docs/model_file.md)");
+  };
+  if (desc_kind_ == 1)
+    for (const char *name : {"R_desc", "R_d_desc_alpha"})
+      refuse(name, "the training geometries R_train and force coefficients alpha, (M, N, 3) each");
+  else
+    for (const char *name : {"R_train", "alpha"})
+      refuse(name, "the training rows R_desc and R_d_desc_alpha, (M, D) each");
+  std::vector<double> x_m, v_m, r_train, alpha;
+  if (desc_kind_ == 0) {
+    for (const char *name : {"R_desc", "R_d_desc_alpha"}) {
+      const auto &info = mf.tensor_info(name);
+      if (info.shape.size() != 2 || info.shape[1] != n_desc_ || info.shape[0] != m) {
+        std::string problem = "tensor '" + std::string(name) + "' has shape " + shape_string(info.shape) +
+                              ", expected (M, D) = " + shape_string({m, n_desc_});
+        if (info.shape.size() == 2 && info.shape[1] == n_desc_ && s > 1 && info.shape[0] == m * s)
+          problem += " (it has M*S rows: the expanded layout of older files; re-save the model)";
+        else if (info.shape.size() == 2 && info.shape[1] == n_desc_)
+          problem = "metadata n_train = " + std::to_string(m) + " but " + problem;
+        throw mf.error(problem);
+      }
+    }
+    x_m = mf.f64("R_desc", {m, n_desc_});
+    v_m = mf.f64("R_d_desc_alpha", {m, n_desc_});
+    for (double value : x_m)
+      if (!std::isfinite(value)) throw mf.error("tensor 'R_desc' contains non-finite values");
+    for (double value : v_m)
+      if (!std::isfinite(value)) throw mf.error("tensor 'R_d_desc_alpha' contains non-finite values");
+  } else {
+    r_train = read_frames(mf, "R_train", m, n);
+    alpha = read_frames(mf, "alpha", m, n);
+    for (int64_t f = 0; f < m; ++f) {
+      const double *r = r_train.data() + f * 3 * n;
+      for (int i = 1; i < n_atoms_; ++i)
+        for (int j = 0; j < i; ++j) {
+          const double dx = r[3 * i] - r[3 * j], dy = r[3 * i + 1] - r[3 * j + 1], dz = r[3 * i + 2] - r[3 * j + 2];
+          if (!(dx * dx + dy * dy + dz * dz > 0.0))
+            throw mf.error("tensor 'R_train': atoms " + std::to_string(i) + " and " + std::to_string(j) +
+                           " of frame " + std::to_string(f) + " coincide (r_ij = 0)");
+        }
+    }
+    /* the recomputed rows (and the descriptor permutations) are not backed by the file, so
+     * absurd FCHL19 parameters could ask for any amount of memory: refuse more than the machine
+     * has */
+    const double need = 8.0 * n_desc_ * (2.0 * BLOCK * ((m + BLOCK - 1) / BLOCK) + 0.5 * s) +
+                        16.0 * fchl_.work_size();
+    const double have = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+    if (have > 0.0 && need > have) {
+      char text[160];
+      std::snprintf(text, sizeof text, "%.3g GB to rebuild the training rows, more than this machine's %.3g GB",
+                    need * 1e-9, have * 1e-9);
+      throw mf.error("descriptor 'fchl19' with D = N * nrep = " + std::to_string(n_atoms_) + " * " +
+                     std::to_string(fchl_.rep_size()) + " and M = " + std::to_string(m) + " needs " + text);
     }
   }
-  const auto x_m = mf.f64("R_desc", {m, n_desc_});
-  const auto v_m = mf.f64("R_d_desc_alpha", {m, n_desc_});
-  for (double value : x_m)
-    if (!std::isfinite(value)) throw mf.error("tensor 'R_desc' contains non-finite values");
-  for (double value : v_m)
-    if (!std::isfinite(value)) throw mf.error("tensor 'R_d_desc_alpha' contains non-finite values");
   std::vector<double> beta;
   if (mf.has_tensor("alpha_E")) {
     beta = mf.f64("alpha_E", {m});
@@ -270,16 +327,38 @@ SGDMLModel::SGDMLModel(const std::string &path) : path_(path)
           desc_perm_[q * n_desc_ + static_cast<int64_t>(a) * nrep + t] = perms[q * n + a] * nrep + t;
   }
 
-  // interleave into blocks of BLOCK rows (see sgdml.h)
+  /* interleave into blocks of BLOCK rows (see sgdml.h). fchl19: x_m = x(R_m) and
+   * v_m = J(R_m) alpha_m, the directional derivative of the descriptor along alpha_m, by
+   * forward-mode differentiation (FCHL19::jvp), frame by frame (x_m and v_m then hold one row) */
   const size_t d = n_desc_;
   n_blocks_ = static_cast<int>((m + BLOCK - 1) / BLOCK);
   data_.assign(static_cast<size_t>(n_blocks_) * 2 * d, Lanes{});
+  if (desc_kind_ == 1) {
+    x_m.resize(d);
+    v_m.resize(d);
+  }
   for (int64_t row = 0; row < m; ++row) {
+    const double *xr = x_m.data(), *vr = v_m.data();
+    if (desc_kind_ == 0) {
+      xr += row * d;
+      vr += row * d;
+    } else {
+      const size_t f = static_cast<size_t>(row) * 3 * n_atoms_;
+      try {
+        fchl_.jvp(r_train.data() + f, alpha.data() + f, x_m.data(), v_m.data());
+      } catch (const Error &e) {
+        throw mf.error("tensor 'R_train', frame " + std::to_string(row) + ": " + e.what());
+      }
+      for (size_t j = 0; j < d; ++j)
+        if (!std::isfinite(xr[j]) || !std::isfinite(vr[j]))
+          throw mf.error("frame " + std::to_string(row) +
+                         " of tensors 'R_train' and 'alpha' gives non-finite x_m or v_m (values out of range)");
+    }
     const size_t b = row / BLOCK, l = row % BLOCK;
     Lanes *xb = data_.data() + 2 * b * d, *vb = xb + d;
     for (size_t j = 0; j < d; ++j) {
-      xb[j].v[l] = x_m[row * d + j];
-      vb[j].v[l] = v_m[row * d + j];
+      xb[j].v[l] = xr[j];
+      vb[j].v[l] = vr[j];
     }
   }
   if (!beta.empty()) {

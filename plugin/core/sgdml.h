@@ -10,6 +10,9 @@
  *                       D = N(N-1)/2, p = descriptor_exponent, default 1);
  *   "fchl19":           global FCHL19 (fchl19.h): the per-atom FCHL19 representations of the
  *                       N atoms concatenated in model atom order, x[a*nrep + t], D = N*nrep.
+ *                       Its file stores the training geometries R_m and force coefficients
+ *                       alpha_m, (M, N, 3) each, instead of the long rows; the loader rebuilds
+ *                       x_m = x(R_m) and v_m = J(R_m) alpha_m (FCHL19::jvp).
  *
  * The S symmetric orderings of the QUERY, R_q = R[p_q], are evaluated against the M rows; x_q is
  * a permutation of the entries of x (desc_perm_). With u = x_q - x_m, d = |u|,
@@ -49,7 +52,9 @@ namespace gpff {
 
 class SGDMLModel {
  public:
-  //! Load and validate `path`. Throws gpff::Error("<path>: <problem>").
+  /*! Load and validate `path` (fchl19: rebuilds the training rows from R_train and alpha, see
+   *  above). Throws gpff::Error("<path>: <problem>"), e.g. for a fchl19 training frame with two
+   *  coincident atoms or a collinear triplet. */
   explicit SGDMLModel(const std::string &path);
 
   int n_atoms() const { return n_atoms_; }

@@ -180,9 +180,11 @@ class ADTrainingKernel(TrainingKernel):
     """
 
     def __init__(self, R: torch.Tensor, perms: torch.Tensor, kernel: ScalarKernel, sigma: float,
-                 descriptor, lam: float, use_energies: bool = False, block: int = 8):
+                 descriptor, lam: float, use_energies: bool = False, block: int = 8,
+                 cache_bytes: int = 0):
         kernel = get_scalar_kernel(kernel)
-        super().__init__(R, perms, kernel, sigma, descriptor, lam, use_energies, block)
+        # cache_bytes unused: the AD matvec evaluates the model (ad_evaluate), it keeps no values
+        super().__init__(R, perms, kernel, sigma, descriptor, lam, use_energies, block, 0)
         k = lambda x, xp: kernel.fn(x, xp, sigma)                  # noqa: E731
         grad_x = grad(k, argnums=0)
 
@@ -226,9 +228,13 @@ class ADTrainingKernel(TrainingKernel):
         fb = torch.einsum("bdk,bsdl->bkl", self.J0[f], HJ)
         return fb, self._k_diag(self.x0[f], self.x[f]).sum(1)
 
-    def _evaluate(self, v: torch.Tensor, beta: torch.Tensor | None):
-        return ad_evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma,
-                           self.descriptor)
+    def _product(self, a: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        """K [a; β] without λ, (n,): the model with v_m = J_m Q_m a_m and β evaluated by
+        :func:`ad_evaluate` at the training geometries."""
+        v = torch.einsum("mdl,ml->md", self.J0, a)
+        e0, f = ad_evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma,
+                            self.descriptor)
+        return torch.cat([self._in_bases(f)] + ([e0] if self.use_energies else []))
 
 
 def kernel_backend(kernel):

@@ -59,6 +59,37 @@ class InverseDistance:
         return {"descriptor": self.name, "descriptor_exponent": float(self.p)}
 
 
+def training_rows(descriptor, R: torch.Tensor, alpha: torch.Tensor, batch: int = 32):
+    """The training rows of an sGDML model from its geometries and force coefficients.
+
+    Args:
+        descriptor: a descriptor with ``jvp(R, dR) -> (x, J dR)`` (gpff.fchl19.FCHL19Descriptor).
+        R: (M, N, 3) training positions, Å. alpha: (M, N, 3) Cartesian force coefficients α_m.
+        batch: frames per descriptor call.
+    Returns:
+        x_m = x(R_m) and v_m = J(R_m) α_m, (M, D) each: what a reader of an fchl19 model file
+        recomputes (docs/model_file.md).
+    Raises:
+        ValueError: a geometry the descriptor refuses (a collinear FCHL19 triplet), naming the
+        first such frame.
+    """
+    x, v = [], []
+    for start in range(0, len(R), batch):
+        Rb, ab = R[start:start + batch], alpha[start:start + batch]
+        try:
+            xb, vb = descriptor.jvp(Rb, ab)
+        except ValueError:                          # name the first frame it refuses
+            for k in range(len(Rb)):
+                try:
+                    descriptor.jvp(Rb[k:k + 1], ab[k:k + 1])
+                except ValueError as err:
+                    raise ValueError(f"frame {start + k}: {err}") from None
+            raise
+        x.append(xb)
+        v.append(vb)
+    return torch.cat(x), torch.cat(v)
+
+
 #: descriptor names of SGDML(descriptor=...) and the model file's "descriptor" field
 DESCRIPTORS = ("inverse_distance", "fchl19")
 

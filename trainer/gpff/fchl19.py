@@ -113,8 +113,21 @@ class FCHL19Descriptor:
         J = torch.cat([o[1] for o in out]) if out else flat.new_zeros(0, d, 3 * n)
         return x.reshape(lead + (d,)), J.reshape(lead + (d, 3 * n))
 
-    def _batch(self, R: torch.Tensor):
-        """x (B, D) and J (B, D, 3N) of geometries R (B, N, 3)."""
+    def jvp(self, R: torch.Tensor, dR: torch.Tensor, chunk: int = 32):
+        """Descriptor and its directional derivative along dR, without the Jacobian (forward
+        mode through the distances: dx = Σ_ij ∂x/∂r_ij ṙ_ij, ṙ_ij = u_ij·(dR_j − dR_i)).
+
+        Args:
+            R: (B, N, 3) positions, Å. dR: (B, N, 3) displacements (any unit).
+        Returns:
+            x (B, D) and dx = J(R) dR (B, D), as J @ dR.flatten(1) from :meth:`__call__`.
+        """
+        out = [self._batch(R[s:s + chunk], dR[s:s + chunk]) for s in range(0, len(R), chunk)]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+    def _batch(self, R: torch.Tensor, dR: torch.Tensor | None = None):
+        """x (B, D) and J (B, D, 3N) of geometries R (B, N, 3); with dR (B, N, 3), x and J dR
+        (B, D) instead of J."""
         prm, (b, n, _) = self.params, R.shape
         dt, dev = R.dtype, R.device
         eye = torch.eye(n, dtype=torch.bool, device=dev)
@@ -139,9 +152,6 @@ class FCHL19Descriptor:
         g = ln * w[..., None]
         dg = dln * w[..., None] + ln * dw[..., None]                # (B, N, N, K)
         two = torch.einsum("bijk,je->biek", g, onehot)
-        J2 = torch.einsum("ae,biak,biac->biekac", onehot, dg, u)
-        J2 = J2 - torch.einsum("je,bijk,bijc->biekc", onehot, dg, u)[:, :, :, :, None] \
-            * eye[None, :, None, None, :, None]
 
         # three-body terms: centre i, neighbours j ≠ k (ordered pairs, halved)
         rs3 = prm["acut"] * torch.arange(1, prm["n_rs3"] + 1, dtype=dt, device=dev) / prm["n_rs3"]
@@ -195,13 +205,22 @@ class FCHL19Descriptor:
         Gjk = (torch.einsum("bijk,bijkl,bijka->bijkla", da_jk, rad, ang)
                + torch.einsum("bijk,bijkl,bijka->bijkla", a * dci_jk, rad, dang))
         three = 0.5 * torch.einsum("bijkla,jkp->bipla", T, pair_onehot)
+        x = torch.cat([two.reshape(b, n, -1), three.reshape(b, n, -1)], dim=2).reshape(b, -1)
+        if dR is not None:          # ṙ_ij; ∂T_ijk/∂r_ik is G_ij at (i, k, j) (j <-> k symmetry)
+            rdot = torch.einsum("bijc,bijc->bij", u, dR[:, None, :, :] - dR[:, :, None, :])
+            dtwo = torch.einsum("bijk,bij,je->biek", dg, rdot, onehot)
+            dthree = (torch.einsum("jkp,bijkla,bij->bipla", pair_onehot, Gij, rdot)
+                      + 0.5 * torch.einsum("jkp,bijkla,bjk->bipla", pair_onehot, Gjk, rdot))
+            return x, torch.cat([dtwo.reshape(b, n, -1), dthree.reshape(b, n, -1)], 2).reshape(b, -1)
+        J2 = torch.einsum("ae,biak,biac->biekac", onehot, dg, u)
+        J2 = J2 - torch.einsum("je,bijk,bijc->biekc", onehot, dg, u)[:, :, :, :, None] \
+            * eye[None, :, None, None, :, None]
         # ∂x3/∂r_m = Σ_jk P_jk [G_ij (δ_mj − δ_mi) u_ij + G_jk δ_mk u_jk]   (j <-> k symmetry)
         J3 = (torch.einsum("mkp,bimkla,bimc->biplamc", pair_onehot, Gij, u)
               + torch.einsum("jmp,bijmla,bjmc->biplamc", pair_onehot, Gjk, u))
         J3 = J3 - torch.einsum("jkp,bijkla,bijc->biplac", pair_onehot, Gij, u)[:, :, :, :, :, None] \
             * eye[None, :, None, None, None, :, None]
 
-        x = torch.cat([two.reshape(b, n, -1), three.reshape(b, n, -1)], dim=2).reshape(b, -1)
         J = torch.cat([J2.reshape(b, n, -1, n * 3), J3.reshape(b, n, -1, n * 3)], dim=2)
         return x, J.reshape(b, -1, 3 * n)
 

@@ -15,6 +15,10 @@ from ase.data import chemical_symbols
 from .errors import ModelFileError
 
 FORMAT_VERSION = 1
+#: the training-row tensors of an sGDML file by descriptor (docs/model_file.md): the rows x_m and
+#: v_m themselves, or (fchl19, whose rows are long) the training geometries and the Cartesian
+#: force coefficients they are recomputed from at load
+SGDML_ROW_TENSORS = {"inverse_distance": ("R_desc", "R_d_desc_alpha"), "fchl19": ("R_train", "alpha")}
 
 
 def _version() -> str:
@@ -41,7 +45,9 @@ def write_atomic(path, write) -> None:
 
 
 def save_sgdml(model, path) -> None:
-    """Write a trained :class:`gpff.sgdml.SGDML` to `path`."""
+    """Write a trained :class:`gpff.sgdml.SGDML` to `path` (an fchl19 model as its training
+    geometries ``R_train`` and force coefficients ``alpha``, any other as its rows ``R_desc`` and
+    ``R_d_desc_alpha``)."""
     from safetensors.numpy import save_file
 
     meta = {
@@ -56,8 +62,8 @@ def save_sgdml(model, path) -> None:
     tensors = {
         "z": np.ascontiguousarray(model.z, dtype=np.int32),
         "perms": np.ascontiguousarray(model.perms, dtype=np.int32),
-        "R_desc": np.ascontiguousarray(model.R_desc, dtype=np.float64),
-        "R_d_desc_alpha": np.ascontiguousarray(model.R_d_desc_alpha, dtype=np.float64),
+        **{name: np.ascontiguousarray(getattr(model, name), dtype=np.float64)
+           for name in SGDML_ROW_TENSORS[model.descriptor]},
     }
     if model.alpha_E is not None:
         tensors["alpha_E"] = np.ascontiguousarray(model.alpha_E, dtype=np.float64)
@@ -162,15 +168,40 @@ def _require(path, meta, tensors, keys, names):
         raise ModelFileError(f"{path}: missing {', '.join(missing)}")
 
 
+def _fchl19_rows(path, descriptor, R, alpha):
+    """The training rows x_m = x(R_m) and v_m = J(R_m) α_m, (M, D) each, of an fchl19 model file's
+    training geometries R and force coefficients alpha, (M, N, 3) each
+    (:func:`gpff.descriptor.training_rows`). Raises ModelFileError naming the file (and the
+    frame): NaN/inf, coincident atoms, a collinear triplet (gpff.fchl19)."""
+    import torch
+
+    from .descriptor import training_rows
+
+    for name, values in (("R_train", R), ("alpha", alpha)):
+        if not np.all(np.isfinite(values)):
+            raise ModelFileError(f"{path}: tensor {name!r} contains non-finite values")
+    i, j = np.tril_indices(R.shape[1], -1)
+    same = np.argwhere(np.all(R[:, i] == R[:, j], axis=-1))
+    if len(same):
+        f, pair = same[0]
+        raise ModelFileError(f"{path}: tensor 'R_train': atoms {i[pair]} and {j[pair]} of frame {f} "
+                             "coincide")
+    try:
+        x, v = training_rows(descriptor, torch.as_tensor(R), torch.as_tensor(alpha))
+    except ValueError as err:
+        raise ModelFileError(f"{path}: tensor 'R_train', {err}") from None
+    return x.numpy(), v.numpy()
+
+
 def load_sgdml(path, meta, tensors):
-    """Rebuild a :class:`gpff.sgdml.SGDML` from a file's metadata and tensors."""
+    """Rebuild a :class:`gpff.sgdml.SGDML` from a file's metadata and tensors (an fchl19 model's
+    rows recomputed from its training geometries and force coefficients)."""
     from .sgdml import SGDML
 
     _require(path, meta, tensors, ("sigma", "lam", "integration_constant", "units", "n_atoms"),
-             ("z", "perms", "R_desc", "R_d_desc_alpha"))
+             ("z", "perms"))
     z, perms = tensors["z"], tensors["perms"]
     n = int(meta["n_atoms"])
-    xk, vk = tensors["R_desc"], tensors["R_d_desc_alpha"]
     if z.shape != (n,):
         raise ModelFileError(f"{path}: tensor z has shape {z.shape}, expected ({n},) (n_atoms)")
     descriptor = meta.get("descriptor", "inverse_distance")
@@ -181,14 +212,29 @@ def load_sgdml(path, meta, tensors):
                       kernel=meta.get("kernel", "matern52"),
                       p=meta.get("descriptor_exponent", 1.0), descriptor=descriptor,
                       fchl19=fchl19, progress=False)
-        d = (n * (n - 1) // 2 if descriptor == "inverse_distance"
-             else n * model.descriptor_fn(z).nrep)
     except (ValueError, TypeError) as err:
         raise ModelFileError(f"{path}: {err}") from None
-    if (perms.ndim != 2 or perms.shape[1] != n or xk.ndim != 2
-            or xk.shape[1] != d or vk.shape != xk.shape):
+    rows = SGDML_ROW_TENSORS[descriptor]
+    for name in (t for d, names in SGDML_ROW_TENSORS.items() if d != descriptor for t in names):
+        if name in tensors:
+            raise ModelFileError(f"{path}: tensor {name!r} does not belong in a model with "
+                                 f"descriptor {descriptor!r}, whose file stores "
+                                 f"{' and '.join(rows)} (docs/model_file.md)")
+    _require(path, meta, tensors, (), rows)
+    a, b = tensors[rows[0]], tensors[rows[1]]
+    expected = (n, 3) if descriptor == "fchl19" else (n * (n - 1) // 2,)
+    if (perms.ndim != 2 or perms.shape[1] != n or a.ndim != 1 + len(expected)
+            or a.shape[1:] != expected or b.shape != a.shape):
         raise ModelFileError(f"{path}: inconsistent tensor shapes (z {z.shape}, perms {perms.shape}, "
-                             f"R_desc {xk.shape}, R_d_desc_alpha {vk.shape}) for {n} atoms")
+                             f"{rows[0]} {a.shape}, {rows[1]} {b.shape}; expected (M, "
+                             f"{', '.join(map(str, expected))}) for {n} atoms)")
+    model.z = z.astype(np.int32)
+    if descriptor == "fchl19":
+        model.R_train, model.alpha = a, b
+        xk, vk = _fchl19_rows(path, model.descriptor_fn(), a, b)
+    else:
+        model.R_train = model.alpha = None
+        xk, vk = a, b
     beta = tensors.get("alpha_E")
     if beta is not None and beta.shape != (xk.shape[0],):
         raise ModelFileError(f"{path}: alpha_E has shape {beta.shape}, expected ({xk.shape[0]},)")
@@ -196,7 +242,6 @@ def load_sgdml(path, meta, tensors):
         raise ModelFileError(f"{path}: model tensors contain NaN or inf")
     model.alpha_E = beta
     model.use_energies = beta is not None
-    model.z = z.astype(np.int32)
     model.R_desc, model.R_d_desc_alpha = xk, vk
     model.integration_constant = float(meta["integration_constant"])
     model.energy_unit = meta["units"]["energy"]

@@ -10,7 +10,8 @@ lives in gpff.sgdml_kernel, the solvers in gpff.solvers.
 Notation (see docs/model_file.md): M training geometries of N atoms, D descriptor entries
 (N(N-1)/2 inverse distances, or N × nrep FCHL19 entries), S symmetries.
 A trained model stores x_m (M, D), v_m = J_m α_m (M, D), the energy coefficients β_m (M,) when
-trained with energies, and the integration constant c.
+trained with energies, and the integration constant c (the file of an fchl19 model stores the
+geometries R_m and coefficients α_m instead, and readers rebuild x_m and v_m).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset
-from .descriptor import DESCRIPTORS, make_descriptor, pair_indices
+from .descriptor import DESCRIPTORS, make_descriptor, pair_indices, training_rows
 from .errors import DatasetError, GpffError, SpeciesError, TrainingError
 from .sgdml_kernel import TrainingKernel
 from .ad_kernels import kernel_backend
@@ -32,7 +33,8 @@ from .symmetry import find_permutations
 
 SOLVERS = ("auto", "cholesky", "cg")
 #: largest share of the kernel's columns used as Nyström inducing columns by the CG solver
-PRECONDITIONER_FRACTION = 0.3
+PRECONDITIONER_FRACTION = 0.05
+MATVEC_CACHE_SHARE = 8      # CG keeps the matvec's kernel values when they fit 1/8 of the budget
 
 
 def default_memory_bytes(device: torch.device) -> int:
@@ -101,7 +103,10 @@ class SGDML:
 
     After :meth:`fit`: ``z`` (N,), ``perms`` (S, N), ``R_desc`` and ``R_d_desc_alpha`` (M, D),
     ``alpha_E`` (M,) or None, ``integration_constant`` (energy unit), ``energy_unit``,
-    ``molecule_extent`` (Å), ``provenance`` (dict, including the solver's report).
+    ``molecule_extent`` (Å), ``provenance`` (dict, including the solver's report), and
+    ``R_train`` (M, N, 3) Å and ``alpha`` (M, N, 3) energy unit·Å: the training geometries and
+    the Cartesian force coefficients α_m, R_d_desc_alpha[m] = J(R_m) α_m (what the file of an
+    fchl19 model stores; a model loaded from an inverse-distance file has None).
     """
 
     kind = "sgdml"
@@ -180,12 +185,12 @@ class SGDML:
         _check_perms(self.perms, z)
         R = torch.as_tensor(train.R, dtype=torch.float64, device=self.device)
         perms = torch.as_tensor(self.perms, dtype=torch.long, device=self.device)
-        op = self._operator(R, perms, self.kernel_fn, self.sigma, self.descriptor_fn(z), self.lam,
-                            self.use_energies, self.block)
-        c = float(np.mean(train.E)) if self.use_energies else 0.0   # prior mean of the energy
-        y = op.labels(train.F, None if train.E is None else train.E - c)
         budget = (int(self.max_memory * 1e9) if self.max_memory is not None
                   else default_memory_bytes(self.device))
+        op = self._operator(R, perms, self.kernel_fn, self.sigma, self.descriptor_fn(z), self.lam,
+                            self.use_energies, self.block, budget // MATVEC_CACHE_SHARE)
+        c = float(np.mean(train.E)) if self.use_energies else 0.0   # prior mean of the energy
+        y = op.labels(train.F, None if train.E is None else train.E - c)
         solver = self._choose_solver(op, budget)
         info = {"solver": solver, "n": op.n}
         if solver == "cholesky":
@@ -202,8 +207,8 @@ class SGDML:
         else:
             from .solvers import preconditioner_bytes, solve
 
-            # as large a Nyström preconditioner as the budget allows, up to 30 % of the columns
-            # (sgdml sizes it by memory too; small ones stall and restart, papers/md22 Fig. 4)
+            # a Nyström preconditioner of 5 % of the columns (papers/md22 Fig. 4: ≳ 2.5 %
+            # converges reliably), within the budget; solve() grows it when CG is slow or stalls.
             # 10 % of the budget is left for what the fit allocates besides the solve
             spare = int(0.9 * budget) - op.workspace_bytes() - 16 * 8 * op.n
             k = math.ceil(PRECONDITIONER_FRACTION * op.n)
@@ -215,8 +220,13 @@ class SGDML:
             info.update(cg_info)
         alpha = a[:op.nf].reshape(op.m, op.block)                   # in the bases Q_m
         self.z = z.astype(np.int32)
-        self.R_desc = op.x0.cpu().numpy()                              # identity ordering: x(R_m), J(R_m)
-        self.R_d_desc_alpha = torch.einsum("mdl,ml->md", op.J0, alpha).cpu().numpy()
+        alpha_cart = torch.einsum("mkr,mr->mk", op.Q, alpha).reshape(R.shape)   # α_m = Q_m a_m
+        self.R_train, self.alpha = np.array(train.R, dtype=np.float64), alpha_cart.cpu().numpy()
+        if self.descriptor == "fchl19":      # the rows as every reader of its file rebuilds them
+            x, v = training_rows(self.descriptor_fn(z), R, alpha_cart)
+        else:                                # identity ordering: x(R_m), J(R_m) Q_m a_m
+            x, v = op.x0, torch.einsum("mdl,ml->md", op.J0, alpha)
+        self.R_desc, self.R_d_desc_alpha = x.cpu().numpy(), v.cpu().numpy()
         self.alpha_E = a[op.nf:, 0].cpu().numpy() if self.use_energies else None
         self.energy_unit = train.energy_unit
         self.integration_constant = c

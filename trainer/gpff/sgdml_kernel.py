@@ -14,7 +14,8 @@ and, when energies are trained on, energy coefficients β (M,). The training sys
     H = ∇_x ∇_x'ᵀ k = −(k₂ u uᵀ + k₁ I),  u = x_m − x(P_q R_n)
 
 and predictions use early contraction v_m = J_m α_m: evaluating the model at the training geometries
-is exactly K [α; β], which is how the iterative solver gets K-vector products without K.
+is exactly K [α; β]. The iterative solver's K-vector products contract the same way, over the
+stored descriptors and Jacobians of the training orderings (TrainingKernel._product), without K.
 
 Rigid-motion reduction. J_m has a null space (translations and rotations of R_m leave the descriptor
 unchanged: 6 directions, 5 for a linear molecule), so K_FF = Jᵀ H J is singular there and α's
@@ -30,6 +31,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+MATVEC_CHUNK = 1 << 22      # entries of one (frames, M·S) kernel-value array in a matvec block
 
 
 def evaluate(R: torch.Tensor, xm: torch.Tensor, vm: torch.Tensor, beta: torch.Tensor | None,
@@ -90,11 +92,13 @@ class TrainingKernel:
     Args:
         R: (M, N, 3) training positions, Å. perms: (S, N) long symmetries. kernel, sigma,
         descriptor: as in :func:`evaluate`. lam: λ. use_energies: include the energy rows and
-        columns.
+        columns. block: frames per block of rows in assembly. cache_bytes: the matvec keeps the
+        kernel values k₁, k₂ (and k with energies) of all (frame, training ordering) pairs, which
+        do not change between CG iterations, when they fit in this many bytes (default 0: never).
     """
 
     def __init__(self, R: torch.Tensor, perms: torch.Tensor, kernel, sigma: float, descriptor,
-                 lam: float, use_energies: bool = False, block: int = 8):
+                 lam: float, use_energies: bool = False, block: int = 8, cache_bytes: int = 0):
         self.R, self.perms, self.kernel, self.sigma = R, perms, kernel, sigma
         self.descriptor = descriptor
         self.lam = float(lam)
@@ -119,6 +123,7 @@ class TrainingKernel:
         # S, D) differences and a (rows, M, D, r) k₁-weighted copy of JP per block of rows (same
         # flops when S = 1, far less memory and memory traffic)
         d = x.shape[-1]
+        self._cache = [] if 8 * self._n_kernel_values() * self.m * self.m * s <= cache_bytes else None
         self._JPt = self._JPx = None
         if d >= s * self.block:
             self._JPt = self.JP.permute(2, 0, 1, 3).reshape(d, -1).contiguous()
@@ -137,15 +142,17 @@ class TrainingKernel:
         return torch.einsum("mkr,mk->mr", self.Q, F.reshape(self.m, -1)).reshape(-1)
 
     def workspace_bytes(self) -> int:
-        """Bytes used besides K or the solver's vectors: the expanded training set, one block of
-        kernel rows (assembly, columns) and one batch of :func:`evaluate` (matvec)."""
+        """Bytes used besides K or the solver's vectors: the expanded training set, the matvec's
+        kernel-value cache, one block of kernel rows (assembly, columns) and one block of
+        :meth:`_product` (matvec)."""
         m, s, d = self.x.shape
         expansion = self.x.numel() + self.JP.numel() * (1 if self._JPt is None else 2)
         weighted = m * s * self.block ** 2 if self._JPt is not None else m * d * self.block
         rows = self.rows_per_block * (m * s * (d + 2 * self.block) + self.block * self.n
                                       + weighted)
-        batch = 16 * s * (m * (2 * d + 8) + d * (self.block + 2))
-        return 8 * (expansion + 2 * max(rows, batch))
+        product = 7 * max(MATVEC_CHUNK, m * s) + 3 * m * s * d       # one block of matvec
+        cache = 0 if self._cache is None else self._n_kernel_values() * m * m * s
+        return 8 * (expansion + cache + 2 * max(rows, product))
 
     # ------------------------------------------------------------------ rows of K
     def _projections(self, frames: torch.Tensor, with_a: bool = True):
@@ -254,21 +261,59 @@ class TrainingKernel:
         B = torch.einsum("bsdl,bsd->bsl", JP, U)
         return -(d1 + torch.einsum("bs,bsk,bsl->bkl", k2, A, B)), k.sum(1)
 
+    def _n_kernel_values(self) -> int:
+        """Kernel-value arrays the matvec uses: k₁, k₂, and k with energies."""
+        return 3 if self.use_energies else 2
+
+    def _kernel_values(self, block: int, xf: torch.Tensor, xj: torch.Tensor):
+        """k, k₁, k₂ (k None without energies) of the matvec's `block`-th block of frames (xf)
+        against the training orderings xj, from the cache when there is one (filled on first
+        use, block by block in order)."""
+        if self._cache is not None and block < len(self._cache):
+            return self._cache[block]
+        dist = torch.cdist(xf, xj, compute_mode="donot_use_mm_for_euclid_dist")
+        k, k1, k2 = self.kernel(dist, self.sigma)
+        values = (k if self.use_energies else None, k1, k2)
+        if self._cache is not None:
+            self._cache.append(values)
+        return values
+
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """(K + λI) V for V (n, b), without K: the model with coefficients V evaluated at the
-        training geometries (early contraction)."""
+        """(K + λI) V for V (n, b), without K (early contraction, papers/md22_iterative_solver.txt:
+        kernel-vector products on the fly)."""
         out = torch.empty_like(V)
         for c in range(V.shape[1]):
-            alpha = V[:self.nf, c].reshape(self.m, self.block)
-            beta = V[self.nf:, c] if self.use_energies else None
-            v = torch.einsum("mdl,ml->md", self.J0, alpha)
-            e0, f = self._evaluate(v, beta)
-            out[:self.nf, c] = self._in_bases(f)
-            if self.use_energies:
-                out[self.nf:, c] = e0
+            a = V[:self.nf, c].reshape(self.m, self.block)
+            out[:, c] = self._product(a, V[self.nf:, c] if self.use_energies else None)
         return out + self.lam * V
 
-    def _evaluate(self, v: torch.Tensor, beta: torch.Tensor | None):
-        """The model with v_m = J_m α_m and β evaluated at the training geometries (E₀, F)."""
-        return evaluate(self.R, self.x0, v, beta, self.perms, self.kernel, self.sigma,
-                        self.descriptor)
+    def _product(self, a: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        """K [a; β] without λ, (n,), for force coefficients a (M, r) in the bases Q_m and energy
+        coefficients β (M,) or None, from the stored expansion of the training set.
+
+        With j = (n, q) running over the M·S training orderings, v_j = JP_nq a_n, u_fj = x_f − x_j:
+
+            (K a)_F[f] = −J_fᵀ Σ_j [k₁ v_j + (k₂ u_fj·v_j + k₁ β_n) u_fj]
+            (K a)_E[f] = Σ_j [k₁ u_fj·v_j + k β_n]
+
+        u_fj·v_j = x_f·v_j − x_j·v_j and Σ_j w_fj u_fj = (Σ_j w_fj) x_f − Σ_j w_fj x_j are GEMMs
+        over blocks of frames (the (frames, M·S, D) differences are never formed); the distances
+        ‖u_fj‖ are exact differences (torch.cdist without the GEMM expansion).
+        """
+        m, s, d = self.x.shape
+        xj = self.x.reshape(m * s, d)
+        v = torch.einsum("msdl,ml->msd", self.JP, a).reshape(m * s, d)
+        xv = torch.einsum("jd,jd->j", xj, v)
+        bj = None if beta is None else beta.repeat_interleave(s)    # β_n of ordering j = n·S + q
+        rows = max(1, MATVEC_CHUNK // (m * s))
+        force, energy = [], []
+        for block, start in enumerate(range(0, m, rows)):
+            xf = self.x0[start:start + rows]
+            k, k1, k2 = self._kernel_values(block, xf, xj)
+            c = xf @ v.T - xv                                       # u_fj·v_j
+            w = k2 * c if bj is None else k2 * c + k1 * bj
+            g = w.sum(1, keepdim=True) * xf - w @ xj + k1 @ v
+            force.append(-torch.einsum("bdk,bd->bk", self.J0[start:start + rows], g))
+            if self.use_energies:
+                energy.append((k1 * c).sum(1) + k @ bj)
+        return torch.cat([torch.cat(force).reshape(-1)] + energy)

@@ -612,6 +612,18 @@ def _max_frames(op: KernelOperator, budget: int, block: int = 0) -> int:
     return lo
 
 
+def _slow(trace: list, probe: int, tol: float, rebuild: float) -> bool:
+    """Whether CG, at the rate of its last `probe` iterations (trace: (time, smallest relative
+    residual so far) per iteration), needs more than `rebuild` seconds to reach tol."""
+    (t0, r0), (t1, r1) = trace[-1 - probe], trace[-1]
+    if r1 <= tol:
+        return False
+    if not r1 < r0:
+        return True
+    rate = math.log(r1 / r0) / probe                              # log residual per iteration
+    return math.log(tol / r1) / rate * (t1 - t0) / probe > rebuild
+
+
 def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_iter: int = 5000,
           n_inducing: int | None = None, inducing_fraction: float = 0.1,
           block_diagonal: bool | None = None,
@@ -619,6 +631,7 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
           checkpoint=None, resume: bool = False, checkpoint_every: float = 180.0,
           progress: bool = True, generator: torch.Generator | None = None,
           stall_window: int = 50, stall_factor: float = 0.5, growth: float = 1.5,
+          grow_ratio: float | None = 1.5, probe: int = 20,
           callback: Callable[[int, torch.Tensor, float], None] | None = None):
     """Solve (K + λI) α = y by Nyström-preconditioned CG with restarts (the paper's method).
 
@@ -627,7 +640,12 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
     (3) Nyström preconditioner by the QR route (eqs. 12-13); (4) CG from α₀ = 0 (Methods); (5)
     when the residual stalls (less than a factor `stall_factor` over `stall_window` iterations)
     or CG breaks down, restart from the latest α with `growth`× more inducing frames (up to the
-    memory budget and all frames; Methods, "CG solver restarts").
+    memory budget and all frames; Methods, "CG solver restarts"). A restart also comes when CG
+    is merely slow: after `probe` iterations, the residual's rate over the last `probe` ones
+    predicts the time left to `tol`; when that exceeds `grow_ratio` × the time the larger
+    preconditioner would take to build (the last build's time × `growth`², its O(n k²) cost),
+    the larger one pays for itself. So the first preconditioner can be small: build and
+    iterations stay balanced whatever the conditioning.
 
     Inducing columns are chosen by whole training frames: ``op.columns`` costs the same for one
     column of a frame as for all of its columns; a frame's score is the sum of its column scores
@@ -662,7 +680,8 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
             resumed run converges to the same α as an uninterrupted one, to the tolerance.
         progress: tqdm bar over CG iterations with the relative residual.
         generator: CPU torch.Generator for the sampling (default: seeded with 0, so runs repeat).
-        stall_window, stall_factor, growth: restart policy (see above).
+        stall_window, stall_factor, growth, grow_ratio, probe: restart policy (see above;
+            grow_ratio None: restarts on stalls and breakdowns only).
         callback: called as callback(total_iteration, α, rel_residual) after every iteration.
 
     Returns:
@@ -761,12 +780,17 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
     try:
         while True:
             P = None                                              # free the old one first
+            t_build = time.perf_counter()
             P = NystromPreconditioner(op, frame_columns(op, inducing_frames.to(op.device)),
                                       block_diagonal)
+            t_build = time.perf_counter() - t_build
             bar.set_description(f"CG (k={P.size})")
+            can_grow = grow_ratio is not None and min(f_max, m) > len(inducing_frames)
+            trace = [(time.perf_counter(), math.inf)]            # (time, smallest residual so far)
 
             def cb(it, xk, rel, _base=iters):
                 nonlocal last_save
+                trace.append((time.perf_counter(), min(rel, trace[-1][1])))
                 live.update(x=xk, done=_base + it, rel=rel)
                 bar.update(1)
                 bar.set_postfix_str(f"res={rel:.2e}", refresh=False)
@@ -775,7 +799,8 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
                 if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
                     _save_checkpoint(checkpoint, snapshot())
                     last_save = time.monotonic()
-                return False
+                return can_grow and it > probe and _slow(trace, probe, tol, grow_ratio * t_build
+                                                         * growth ** 2)
 
             x, pinfo = pcg(op, y, P, x0=x, tol=tol, max_iter=max_iter - iters, callback=cb,
                            stall_window=window, stall_factor=stall_factor)
@@ -821,7 +846,8 @@ def solve(op: KernelOperator, y: torch.Tensor, *, tol: float = DEFAULT_TOL, max_
                 window *= 2
             if progress:
                 bar.write(f"CG restart {restarts} at residual {residual:.2e} "
-                          f"({status}); {len(inducing_frames) * per} inducing columns")
+                          f"({'slow' if status == 'stopped' else status}); "
+                          f"{len(inducing_frames) * per} inducing columns")
     except BaseException:
         if checkpoint is not None and live["x"] is not None:
             try:
