@@ -443,7 +443,8 @@ def main(argv=None) -> int:
                     help="gpff CG checkpoints <mol>_<method>_n<N>.ckpt.npz, resumed when present "
                          "('' for none)")
     ap.add_argument("--gpff-solver", choices=("auto", "cholesky", "cg"), default="auto",
-                    help="gpff solver (default auto; cg: e.g. to try the CG path on few frames)")
+                    help="gpff solver (default auto: Cholesky when it fits; cg: the solver sgdml "
+                         "itself uses at 1000 frames, e.g. benzene: 40 s against auto's 280 s)")
     ap.add_argument("--max-processes", type=int, default=None,
                     help="sgdml max_processes (default: all CPUs)")
     ap.add_argument("--model-dir", default=os.path.join(ROOT, "out", "rmd17"),

@@ -57,11 +57,17 @@ BUNDLED_SGDML = {"ethanol_rmd17.gpff": ("ethanol", 6), "ethanol_rmd17_best.gpff"
                  "malonaldehyde_rmd17_best.gpff": ("malonaldehyde", 4),
                  "uracil_rmd17_best.gpff": ("uracil", 1), "toluene_rmd17_best.gpff": ("toluene", 12),
                  "naphthalene_rmd17_best.gpff": ("naphthalene", 4)}
+#: force tolerance floors above 1e-9: the FCHL19 uracil model's rows are rebuilt at load by two
+#: implementations (Python's and the core's forward mode), which agree to ~1e-14 relative, and its
+#: λ = 1e-9 coefficients amplify row rounding ~1e5× (the rows of the file it was re-encoded from
+#: change its Python forces by 1.6e-9; potentials/README.md)
+FORCE_FLOOR = {"uracil_rmd17_best.gpff": 5e-9}
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_SGDML))
 def test_bundled_potentials_match_python(name):
-    """potentials/: exact model and C++ core agree on 20 test frames to 1e-9, or, for a model whose
+    """potentials/: exact model and C++ core agree on 20 test frames to 1e-9 (FORCE_FLOOR: the
+    uracil FCHL19 model's forces to 5e-9), or, for a model whose
     float64 resolution is coarser, to 3× the change that merely reversing the summation order
     makes in Python. The energy-trained best model (RBF, σ = 0.055 on 1/r^0.036, λ = 1e-10) has
     coefficients up to ~2e8: its forces are sums of terms ~1e8 times larger than the result, and
@@ -80,7 +86,8 @@ def test_bundled_potentials_match_python(name):
     core = SGDMLModel(str(path))
     assert core.descriptor_exponent == model.p and core.has_energy_coefficients == (model.alpha_E is not None)
     R = gpff.load_dataset(data).R[:20]
-    tol_f, tol_e = (max(1e-9, 3 * t) for t in _summation_order_error(model, R))
+    t_f, t_e = _summation_order_error(model, R)
+    tol_f, tol_e = max(FORCE_FLOOR.get(name, 1e-9), 3 * t_f), max(1e-9, 3 * t_e)
     assert tol_f <= 1e-7 and tol_e <= 1e-9
     E_py, F_py = model.predict(R)
     for k in range(20):

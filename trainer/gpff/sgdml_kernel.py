@@ -150,7 +150,7 @@ class TrainingKernel:
         weighted = m * s * self.block ** 2 if self._JPt is not None else m * d * self.block
         rows = self.rows_per_block * (m * s * (d + 2 * self.block) + self.block * self.n
                                       + weighted)
-        product = 7 * max(MATVEC_CHUNK, m * s) + 3 * m * s * d       # one block of matvec
+        product = 7 * self._matvec_rows() * m * s + 3 * m * s * d    # one block of matvec
         cache = 0 if self._cache is None else self._n_kernel_values() * m * m * s
         return 8 * (expansion + cache + 2 * max(rows, product))
 
@@ -261,6 +261,10 @@ class TrainingKernel:
         B = torch.einsum("bsdl,bsd->bsl", JP, U)
         return -(d1 + torch.einsum("bs,bsk,bsl->bkl", k2, A, B)), k.sum(1)
 
+    def _matvec_rows(self) -> int:
+        """Frames per block of the matvec: (frames, M·S) arrays of about MATVEC_CHUNK entries."""
+        return min(self.m, max(1, MATVEC_CHUNK // (self.m * self.perms.shape[0])))
+
     def _n_kernel_values(self) -> int:
         """Kernel-value arrays the matvec uses: k₁, k₂, and k with energies."""
         return 3 if self.use_energies else 2
@@ -305,7 +309,7 @@ class TrainingKernel:
         v = torch.einsum("msdl,ml->msd", self.JP, a).reshape(m * s, d)
         xv = torch.einsum("jd,jd->j", xj, v)
         bj = None if beta is None else beta.repeat_interleave(s)    # β_n of ordering j = n·S + q
-        rows = max(1, MATVEC_CHUNK // (m * s))
+        rows = self._matvec_rows()
         force, energy = [], []
         for block, start in enumerate(range(0, m, rows)):
             xf = self.x0[start:start + rows]
