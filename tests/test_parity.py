@@ -56,7 +56,8 @@ def _summation_order_error(model, R):
 BUNDLED_SGDML = {"ethanol_rmd17.gpff": ("ethanol", 6), "ethanol_rmd17_best.gpff": ("ethanol", 6),
                  "malonaldehyde_rmd17_best.gpff": ("malonaldehyde", 4),
                  "uracil_rmd17_best.gpff": ("uracil", 1), "toluene_rmd17_best.gpff": ("toluene", 12),
-                 "naphthalene_rmd17_best.gpff": ("naphthalene", 4)}
+                 "naphthalene_rmd17_best.gpff": ("naphthalene", 4),
+                 "benzene_rmd17_best.gpff": ("benzene", 12)}
 #: force tolerance floors above 1e-9: the FCHL19 uracil model's rows are rebuilt at load by two
 #: implementations (Python's and the core's forward mode), which agree to ~1e-14 relative, and its
 #: λ = 1e-9 coefficients amplify row rounding ~1e5× (the rows of the file it was re-encoded from

@@ -32,7 +32,8 @@ from .ad_kernels import kernel_backend
 from .symmetry import find_permutations
 
 SOLVERS = ("auto", "cholesky", "cg")
-#: largest share of the kernel's columns used as Nyström inducing columns by the CG solver
+#: share of the kernel's columns in the CG solver's first Nyström preconditioner (solve() grows
+#: it when CG is slow)
 PRECONDITIONER_FRACTION = 0.05
 MATVEC_CACHE_SHARE = 8      # CG keeps the matvec's kernel values when they fit 1/8 of the budget
 
